@@ -1,0 +1,255 @@
+"""HTTP/JSON handlers: validate the request, call the registry or evictor, shape the answer.
+
+Every error leaves as `{"error": {"code", "message"}}` with a stable code (see errors.py),
+including aiohttp's own 404/405/413, so clients never have to parse HTML.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__, telemetry
+from .config import Settings
+from .errors import (
+    BodyTooLarge,
+    Fault,
+    ImageNotManaged,
+    InternalError,
+    InvalidField,
+    InvalidJson,
+    MethodNotAllowed,
+    RouteNotFound,
+    SnapshotNotFound,
+)
+from .evictor import Evictor
+from .models import Reason, RemovalResult, Victim, normalise_reference
+from .policy import total_size_bytes
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_NAME_CHARS = 1024  # project and work item
+# Docker's reference grammar: [host[:port]/]component(/component)*[:tag], lower-case names.
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_REFERENCE = re.compile(
+    rf"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass
+class Services:
+    """What the handlers work with; filled in by the daemon's start-up contexts."""
+
+    settings: Settings
+    registry: Registry
+    evictor: Evictor
+
+
+SERVICES: Any = web.AppKey("services", Services) if hasattr(web, "AppKey") else "services"
+
+
+# --- request parsing ------------------------------------------------------------------------
+
+
+async def read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    """The JSON object in the body; an empty body is an empty object."""
+    body = await request.read()  # raises 413 over client_max_size
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidJson(f"request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidJson("request body must be a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InvalidField(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+    return data
+
+
+def name_field(data: dict[str, Any], field: str) -> str:
+    """A project or work item: a non-empty string, at most 1024 characters, no control codes."""
+    value = data.get(field)
+    if value is None:
+        raise InvalidField(f"field {field!r} is required")
+    if not isinstance(value, str):
+        raise InvalidField(f"field {field!r} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidField(f"field {field!r} must not be empty")
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidField(f"field {field!r} is longer than {MAX_NAME_CHARS} characters")
+    if _CONTROL.search(value):
+        raise InvalidField(f"field {field!r} must not contain control characters")
+    return value
+
+
+def optional_count(data: dict[str, Any], field: str) -> int | None:
+    value = data.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise InvalidField(f"field {field!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def image_field(data: dict[str, Any], services: Services) -> str:
+    value = data.get("image")
+    if not isinstance(value, str) or not value:
+        raise InvalidField("field 'image' is required and must be a non-empty string")
+    if "@" in value or value.startswith("sha256:"):
+        raise ImageNotManaged(
+            f"image {value!r} is a digest or id; register the repository:tag it was committed to"
+        )
+    if len(value) > 255 or not _REFERENCE.fullmatch(value):
+        raise InvalidField(f"field 'image' is not a valid Docker reference: {value!r}")
+    reference = normalise_reference(value)
+    if not services.settings.docker.is_managed(reference):
+        prefixes = ", ".join(services.settings.docker.image_prefixes)
+        raise ImageNotManaged(f"image {value!r} is outside the managed prefixes ({prefixes})")
+    return reference
+
+
+def query_name(request: web.Request, field: str) -> str:
+    return name_field(dict(request.query), field)
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+
+async def register(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    data = await read_object(request, {"project", "work_item", "image", "size_bytes"})
+    project, work_item = name_field(data, "project"), name_field(data, "work_item")
+    image = image_field(data, services)
+    size = optional_count(data, "size_bytes")
+    registration = await services.registry.register(project, work_item, image, size)
+    services.evictor.remove_soon(registration.retired)
+    status = 201 if registration.created else 200
+    return web.json_response({"snapshot": registration.snapshot.to_json()}, status=status)
+
+
+async def lookup(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    data = await read_object(request, {"project", "work_item", "ttl_seconds"})
+    key = (name_field(data, "project"), name_field(data, "work_item"))
+    ttl_seconds = optional_count(data, "ttl_seconds")
+    if ttl_seconds is None:
+        ttl_seconds = services.evictor.policy.ttl_seconds
+    found = await services.registry.lookup(key, timedelta(seconds=ttl_seconds))
+    services.evictor.remove_soon(found.retired)
+    if found.snapshot is None:
+        raise SnapshotNotFound(
+            f"no snapshot for project {key[0]!r}, work item {key[1]!r}: {found.why_missing}"
+        )
+    return web.json_response({"snapshot": found.snapshot.to_json()})
+
+
+async def list_snapshots(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    project = request.query.get("project")
+    snapshots = services.registry.list(project)
+    return web.json_response({"snapshots": [s.to_json() for s in snapshots]})
+
+
+async def delete_snapshot(request: web.Request) -> web.Response:
+    """Invalidate an entry and remove its image now; an unconfirmed removal is retried later."""
+    services = request.app[SERVICES]
+    key = (query_name(request, "project"), query_name(request, "work_item"))
+    snapshot = services.registry.get(key)
+    if snapshot is None:
+        raise SnapshotNotFound(f"no snapshot for project {key[0]!r}, work item {key[1]!r}")
+    retired = await services.registry.retire([Victim(snapshot, Reason.INVALIDATED)])
+    if retired:
+        outcomes = await services.evictor.remove(retired)
+        result = outcomes[0].result
+    else:
+        result = RemovalResult.KEPT  # another entry still holds this tag and image
+    return web.json_response({"snapshot": snapshot.to_json(), "result": result.value})
+
+
+async def evict(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    data = await read_object(request, {"dry_run"})
+    dry_run = data.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidField(f"field 'dry_run' must be true or false, got {dry_run!r}")
+    outcomes = await services.evictor.run("api", dry_run=dry_run)
+    return web.json_response(
+        {"dry_run": dry_run, "evicted": [outcome.to_json() for outcome in outcomes]}
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.json_response(status_document(services))
+
+
+def status_document(services: Services) -> dict[str, Any]:
+    registry, evictor, docker = services.registry, services.evictor, services.registry.docker
+    entries = registry.state.entries.values()
+    return {
+        "version": __version__,
+        "docker": {"reachable": docker.reachable, "error": docker.error, "url": docker.url},
+        "snapshots": {
+            "count": len(entries),
+            "total_size_bytes": total_size_bytes(entries),
+            "pending_removal": len(registry.state.pending),
+        },
+        "policy": evictor.policy.to_json(),
+        "last_eviction": evictor.last_report.to_json() if evictor.last_report else None,
+        "journal": {"path": str(registry.journal.path), "records": registry.journal.records},
+    }
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def error_response(fault: Fault, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": fault.code, "message": fault.message}}
+    return web.json_response(body, status=fault.status, headers=headers)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Fault as fault:
+        return error_response(fault)
+    except web.HTTPNotFound:
+        return error_response(RouteNotFound(f"no route for {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed as error:
+        allowed = ", ".join(sorted(error.allowed_methods))
+        fault = MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+        )
+        return error_response(fault, headers={"Allow": allowed})
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes"))
+    except web.HTTPException:
+        raise
+    except Exception as error:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        telemetry.capture_exception(error)
+        return error_response(InternalError(f"internal error: {type(error).__name__}"))
+
+
+def create_app() -> web.Application:
+    """The application without its services; the daemon adds them via cleanup contexts."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_as_json])
+    app.router.add_post("/v1/snapshots", register)
+    app.router.add_post("/v1/snapshots/lookup", lookup)
+    app.router.add_get("/v1/snapshots", list_snapshots)
+    app.router.add_delete("/v1/snapshots", delete_snapshot)
+    app.router.add_post("/v1/evict", evict)
+    app.router.add_get("/v1/status", status)
+    return app

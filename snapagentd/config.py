@@ -1,0 +1,238 @@
+"""TOML configuration, parsed once into a frozen settings object.
+
+Every error names the key and quotes the value; unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import split_reference
+
+if sys.version_info >= (3, 11):  # noqa: UP036 - tomli kept for older Pythons
+    import tomllib
+else:  # pragma: no cover - Python 3.10 and older
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/snapagentd/snapagentd.toml")
+
+
+class ConfigError(Exception):
+    """One or more problems in the configuration; each line names a key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    socket: Path = Path("/run/snapagentd/snapagentd.sock")
+    socket_mode: int = 0o660
+    socket_group: str = ""
+
+
+@dataclass(frozen=True)
+class DockerSettings:
+    url: str = "unix:///run/docker.sock"
+    image_prefixes: tuple[str, ...] = ("cascade-snapshot-",)
+
+    def is_managed(self, reference: str) -> bool:
+        """True when `reference` (repo:tag) lies in a repository the agent manages."""
+        if "@" in reference:  # digests and ids are never managed references
+            return False
+        repository, _tag = split_reference(reference)
+        return any(repository.startswith(prefix) for prefix in self.image_prefixes)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    ttl_seconds: int = 24 * 3600
+    max_count: int = 5
+    max_size_bytes: int = 10 * 1024**3
+    interval_seconds: int = 5 * 60
+    min_age_seconds: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "ttl_seconds": self.ttl_seconds,
+            "max_count": self.max_count,
+            "max_size_bytes": self.max_size_bytes,
+            "interval_seconds": self.interval_seconds,
+            "min_age_seconds": self.min_age_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class JournalSettings:
+    path: Path = Path("/var/lib/snapagentd/journal.jsonl")
+
+
+@dataclass(frozen=True)
+class SentrySettings:
+    dsn: str = ""
+    environment: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api: ApiSettings = field(default_factory=ApiSettings)
+    docker: DockerSettings = field(default_factory=DockerSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    journal: JournalSettings = field(default_factory=JournalSettings)
+    sentry: SentrySettings = field(default_factory=SentrySettings)
+
+
+# --- value converters: each raises ValueError with a phrase that completes "<key>: ..." ---
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}  # fmt: skip
+
+
+def duration_seconds(value: Any) -> int:
+    """`30s`, `5m`, `24h`, `7d` or a non-negative integer number of seconds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", value)
+        if match:
+            return int(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    raise ValueError(f"invalid duration {value!r} (use 30s, 5m, 24h, 7d or integer seconds)")
+
+
+def size_bytes(value: Any) -> int:
+    """Integer bytes, or a number with a unit: `500MB`, `10GiB`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        if match and match[2].lower() in _SIZE_UNITS:
+            return int(match[1]) * _SIZE_UNITS[match[2].lower()]
+    raise ValueError(f"invalid size {value!r} (use integer bytes or 500MB, 10GiB)")
+
+
+def count(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"invalid count {value!r} (use a non-negative integer)")
+
+
+def octal_mode(value: Any) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    raise ValueError(f'invalid mode {value!r} (use an octal string such as "0660")')
+
+
+def text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"invalid value {value!r} (expected a string)")
+
+
+def absolute_path(value: Any) -> Path:
+    if isinstance(value, str) and value.startswith("/"):
+        return Path(value)
+    raise ValueError(f"invalid path {value!r} (expected an absolute path)")
+
+
+def docker_url(value: Any) -> str:
+    if isinstance(value, str) and re.match(r"(unix|tcp|http|https)://.+", value):
+        return value
+    raise ValueError(f"invalid URL {value!r} (expected unix:///path or tcp://host:port)")
+
+
+def image_prefixes(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        for prefix in value:
+            # A short prefix would let the agent claim (and delete) images it does not own.
+            if not re.fullmatch(r"[a-z0-9][a-z0-9._/-]{2,}", prefix):
+                raise ValueError(
+                    f"invalid prefix {prefix!r} (at least 3 characters of a-z 0-9 . _ / -)"
+                )
+        return tuple(value)
+    raise ValueError(f"invalid value {value!r} (expected a non-empty list of strings)")
+
+
+# section -> key -> (attribute, converter)
+_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+    "api": {
+        "socket": ("socket", absolute_path),
+        "socket_mode": ("socket_mode", octal_mode),
+        "socket_group": ("socket_group", text),
+    },
+    "docker": {
+        "url": ("url", docker_url),
+        "image_prefixes": ("image_prefixes", image_prefixes),
+    },
+    "policy": {
+        "ttl": ("ttl_seconds", duration_seconds),
+        "max_count": ("max_count", count),
+        "max_size": ("max_size_bytes", size_bytes),
+        "interval": ("interval_seconds", duration_seconds),
+        "min_age": ("min_age_seconds", duration_seconds),
+    },
+    "journal": {"path": ("path", absolute_path)},
+    "sentry": {"dsn": ("dsn", text), "environment": ("environment", text)},
+}
+_SECTION_TYPES = {
+    "api": ApiSettings,
+    "docker": DockerSettings,
+    "policy": PolicySettings,
+    "journal": JournalSettings,
+    "sentry": SentrySettings,
+}
+
+
+def parse_settings(document: dict[str, Any]) -> Settings:
+    """Turn a parsed TOML document into Settings, collecting every problem before failing."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, table in document.items():
+        if section not in _SCHEMA:
+            problems.append(f"{section}: unknown section (known: {', '.join(_SCHEMA)})")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{section}: expected a table, got {table!r}")
+            continue
+        values: dict[str, Any] = {}
+        for key, raw in table.items():
+            if key not in _SCHEMA[section]:
+                known = ", ".join(_SCHEMA[section])
+                problems.append(f"{section}.{key}: unknown key (known: {known})")
+                continue
+            attribute, convert = _SCHEMA[section][key]
+            try:
+                values[attribute] = convert(raw)
+            except ValueError as error:
+                problems.append(f"{section}.{key}: {error}")
+        sections[section] = values
+    if problems:
+        raise ConfigError(problems)
+    policy = sections.get("policy", {})
+    if policy.get("interval_seconds", 1) == 0:
+        raise ConfigError(["policy.interval: invalid duration '0s' (must be at least 1s)"])
+    return Settings(**{name: _SECTION_TYPES[name](**values) for name, values in sections.items()})
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the configuration file at `path`."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read configuration: {error.strerror}"]) from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
+    try:
+        return parse_settings(document)
+    except ConfigError as error:
+        raise ConfigError([f"{path}: {problem}" for problem in error.problems]) from None

@@ -1,0 +1,247 @@
+"""Wiring and lifecycle: start-up in order, READY only when serving, clean stop on SIGTERM.
+
+Each resource is an aiohttp cleanup context (journal, Docker, services, background tasks), so a
+resource is released if and only if it was set up, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from . import telemetry
+from .api import SERVICES, Services, create_app
+from .config import ConfigError, Settings, load_settings
+from .docker_ops import DockerGateway
+from .evictor import Evictor
+from .journal import Journal
+from .notify import Notifier
+from .policy import total_size_bytes
+from .registry import Registry
+from .state import RegistryState
+
+log = logging.getLogger(__name__)
+
+DOCKER_RETRY_SECONDS = 5  # while the engine is unreachable
+DOCKER_HEALTH_SECONDS = 30  # while it answers
+SHUTDOWN_TIMEOUT_SECONDS = 30  # in-flight requests get this long to finish on SIGTERM
+
+
+class StartupError(Exception):
+    """The daemon cannot start (bad journal, socket in use, ...); the message says why."""
+
+
+def status_line(services: Services) -> str:
+    """The one-line STATUS= for systemctl status: entries, bytes, Docker's state."""
+    entries = services.registry.state.entries.values()
+    docker = services.registry.docker
+    gib = total_size_bytes(entries) / 1024**3
+    state = "docker ok" if docker.reachable else f"docker unreachable ({docker.error})"
+    pending = len(services.registry.state.pending)
+    return f"{len(entries)} snapshots, {gib:.2f} GiB, {pending} pending removal; {state}"[:200]
+
+
+def build_app(settings: Settings, notifier: Notifier) -> web.Application:
+    app = create_app()
+
+    async def services_context(app: web.Application) -> AsyncIterator[None]:
+        state = RegistryState()
+        journal = Journal(settings.journal.path, state)
+        try:
+            journal.load()
+            journal.compact_now()
+        except Exception as error:
+            raise StartupError(str(error)) from None
+        docker = DockerGateway(settings.docker.url, settings.docker.is_managed)
+        registry = Registry(state, journal, docker)
+        evictor = Evictor(registry, docker, settings.policy)
+        services = Services(settings, registry, evictor)
+        app[SERVICES] = services
+        # Reconcile with Docker and apply the policy once, before serving anyone.
+        await evictor.run_quietly("start")
+        try:
+            yield
+        finally:
+            await evictor.close()
+            await journal.close()
+            docker.close()
+
+    async def background_context(app: web.Application) -> AsyncIterator[None]:
+        services = app[SERVICES]
+        tasks = [
+            asyncio.ensure_future(services.evictor.run_periodically()),
+            asyncio.ensure_future(watch_docker(services, notifier)),
+        ]
+        interval = notifier.watchdog_interval()
+        if interval is not None:
+            tasks.append(asyncio.ensure_future(notifier.ping_watchdog(interval)))
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.cleanup_ctx.extend([services_context, background_context])
+    return app
+
+
+async def watch_docker(services: Services, notifier: Notifier) -> None:
+    """Keep Docker's state fresh; reconcile and evict once it answers after an outage."""
+    docker, evictor = services.registry.docker, services.evictor
+    while True:
+        await asyncio.sleep(DOCKER_HEALTH_SECONDS if docker.reachable else DOCKER_RETRY_SECONDS)
+        if await docker.ping():
+            last = evictor.last_report
+            if last is None or last.error is not None:
+                await evictor.run_quietly("docker-returned")
+        notifier.status(status_line(services))
+
+
+# --- the listening socket -------------------------------------------------------------------
+
+
+def socket_from_systemd() -> socket.socket | None:
+    """The socket systemd passed us (socket activation), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    sock = socket.socket(fileno=3)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_unix_socket(path: Path, mode: int, group: str) -> socket.socket:
+    """Bind the API socket with its mode and group, refusing to steal a live one."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.lstat().st_mode)):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: nobody listens
+        else:
+            raise StartupError(f"another process is already serving {path}")
+        finally:
+            probe.close()
+    gid = -1
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"api.socket_group: no such group {group!r}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # never briefly wider than owner-only
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    if gid != -1:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+# --- main loop ------------------------------------------------------------------------------
+
+
+def _runner(app: web.Application) -> web.AppRunner:
+    # aiohttp >= 3.9 takes shutdown_timeout on the runner; 3.8 (Debian 12) on the site.
+    if tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >= (3, 9):
+        return web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS, access_log=None)
+    return web.AppRunner(app, access_log=None)
+
+
+def _site(runner: web.AppRunner, sock: socket.socket) -> web.SockSite:
+    if tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >= (3, 9):
+        return web.SockSite(runner, sock)
+    return web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
+
+
+async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> None:
+    """Run until SIGTERM/SIGINT. Raises StartupError when the daemon cannot start."""
+    notifier = Notifier()
+    telemetry.init(settings.sentry)
+    notifier.status("starting: replaying the journal")
+    app = build_app(settings, notifier)
+    runner = _runner(app)
+    try:
+        await runner.setup()  # journal replay, Docker reconcile, first eviction
+        sock = socket_from_systemd() or bind_unix_socket(
+            settings.api.socket, settings.api.socket_mode, settings.api.socket_group
+        )
+        await _site(runner, sock).start()
+        services: Services = app[SERVICES]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: reload_policy(services, reload_settings, notifier)
+        )
+        log.info("listening on %s", sock.getsockname() or settings.api.socket)
+        notifier.ready(status_line(services))
+        await stop.wait()
+        log.info("stopping: finishing in-flight requests")
+        notifier.stopping()
+    finally:
+        await runner.cleanup()
+        telemetry.flush()
+
+
+def reload_policy(
+    services: Services, reload_settings: Callable[[], Settings], notifier: Notifier
+) -> None:
+    """SIGHUP: re-read the configuration and apply the new policy; keep the old on errors."""
+    notifier.reloading()
+    try:
+        settings = reload_settings()
+    except ConfigError as error:
+        log.error("reload: configuration rejected, keeping the current policy:\n%s", error)
+    else:
+        if settings.policy != services.evictor.policy:
+            log.info("reload: policy is now %s", settings.policy.to_json())
+        services.evictor.policy = settings.policy
+        changed = [
+            name
+            for name in ("api", "docker", "journal", "sentry")
+            if getattr(settings, name) != getattr(services.settings, name)
+        ]
+        if changed:
+            log.warning(
+                "reload: changes to [%s] take effect only after a restart", "], [".join(changed)
+            )
+    notifier.ready(status_line(services))
+
+
+def run(config_path: Path) -> int:
+    """Load the configuration and serve; returns the process exit code."""
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as error:
+        log.error("configuration error:\n%s", error)
+        return 1
+    try:
+        asyncio.run(serve(settings, lambda: load_settings(config_path)))
+    except StartupError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    return 0

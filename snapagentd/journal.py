@@ -1,0 +1,266 @@
+"""The durable JSON-lines journal under the registry.
+
+Every change is a record; a record is applied to the in-memory state only after it has been
+written and fsynced, so memory never runs ahead of the disk. Concurrent appends share one
+write and one fsync (group commit). Compaction rewrites the live state to a temporary file,
+fsyncs it, renames it over the journal and fsyncs the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+# Compact once the file holds this many records more than the live state needs.
+COMPACT_SLACK = 1000
+
+
+class JournalCorrupt(Exception):
+    """The journal cannot be trusted; the daemon must not start on it."""
+
+
+class JournalUnavailable(Exception):
+    """A write or fsync failed (disk full, I/O error); nothing was applied."""
+
+
+class JournalState(Protocol):
+    """What the journal needs from the state it protects."""
+
+    def apply(self, record: dict[str, Any]) -> None: ...
+
+    def to_records(self) -> list[dict[str, Any]]: ...
+
+    def __len__(self) -> int: ...
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def decode(line: bytes, number: int, path: Path) -> dict[str, Any]:
+    """Parse one line; raises ValueError with a message naming the line."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}:{number}: not a JSON record ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{number}: not a JSON object")
+    version = record.get("v")
+    if version != RECORD_VERSION:
+        raise ValueError(
+            f"{path}:{number}: record version {version!r} is not {RECORD_VERSION} "
+            "(written by a newer snapagentd?)"
+        )
+    return record
+
+
+@dataclass
+class _Pending:
+    data: bytes
+    records: list[dict[str, Any]]
+    done: asyncio.Future[None] = field(repr=False)
+
+
+class Journal:
+    """Append-only record log with group commit; owns one file descriptor."""
+
+    def __init__(self, path: Path, state: JournalState) -> None:
+        self.path = path
+        self.records = 0
+        self._state = state
+        self._fd = -1
+        self._size = 0  # bytes of whole, fsynced records: the truncation point after a failure
+        self._queue: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._io_lock = asyncio.Lock()
+        self._compaction: asyncio.Task[None] | None = None
+
+    # --- start-up -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Replay the file into the state (creating it if missing), cutting a torn last line."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        created = not self.path.exists()
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+        except OSError as error:
+            raise JournalCorrupt(f"{self.path}: cannot open journal: {error.strerror}") from None
+        if created:
+            _fsync_directory(self.path.parent)
+        with open(self._fd, "rb", closefd=False) as stream:
+            content = stream.read()
+        lines = content.split(b"\n")
+        # Everything before the last "\n" is whole lines; the remainder is a tail without newline.
+        whole, tail = lines[:-1], lines[-1]
+        good_bytes = 0
+        for number, line in enumerate(whole, start=1):
+            is_last = number == len(whole) and not tail
+            try:
+                record = decode(line, number, self.path)
+                self._state.apply(record)
+            except (ValueError, KeyError, TypeError) as error:
+                if is_last:
+                    log.warning("cutting off an invalid last line: %s", error)
+                    break
+                raise JournalCorrupt(f"journal corrupt, refusing to start: {error}") from None
+            good_bytes += len(line) + 1
+            self.records += 1
+        else:
+            if tail:
+                try:
+                    record = decode(tail, len(whole) + 1, self.path)
+                    self._state.apply(record)
+                except (ValueError, KeyError, TypeError) as error:
+                    log.warning("cutting off a torn last line: %s", error)
+                else:
+                    # A whole record that lost only its newline: keep it and finish the line.
+                    os.write(self._fd, b"\n")
+                    good_bytes += len(tail) + 1
+                    self.records += 1
+        if os.fstat(self._fd).st_size != good_bytes:
+            os.ftruncate(self._fd, good_bytes)
+        os.fsync(self._fd)
+        self._size = good_bytes
+        log.info("replayed %d records from %s", self.records, self.path)
+
+    # --- appends --------------------------------------------------------------------------
+
+    async def append(self, records: list[dict[str, Any]]) -> None:
+        """Write `records` durably, then apply them to the state, in order.
+
+        Returns once they are fsynced and applied; raises JournalUnavailable (nothing applied)
+        when the write fails. Concurrent callers share one write and one fsync.
+        """
+        for record in records:
+            record["v"] = RECORD_VERSION
+        data = b"".join(encode(record) for record in records)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(data, records, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        # Shielded: a client that hangs up must not cancel a write others are waiting on.
+        await asyncio.shield(done)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            async with self._io_lock:
+                batch, self._queue = self._queue, []
+                data = b"".join(pending.data for pending in batch)
+                try:
+                    await asyncio.to_thread(self._write_durably, data)
+                except OSError as error:
+                    failure = JournalUnavailable(
+                        f"journal write to {self.path} failed: {error.strerror or error}"
+                    )
+                    log.error("%s", failure)
+                    for pending in batch:
+                        pending.done.set_exception(failure)
+                    continue
+                # Applied here, under the lock, so a compaction never misses a committed record.
+                for pending in batch:
+                    for record in pending.records:
+                        self._state.apply(record)
+                    self.records += len(pending.records)
+                    pending.done.set_result(None)
+            self._maybe_compact()
+
+    def _write_durably(self, data: bytes) -> None:
+        """Write and fsync; on failure cut the file back so no partial record remains."""
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError as error:
+                log.error("cannot cut back a failed write: %s", error)
+            raise
+        self._size += len(data)
+
+    # --- compaction -----------------------------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        if self.records <= 2 * len(self._state) + COMPACT_SLACK:
+            return
+        if self._compaction is None or self._compaction.done():
+            self._compaction = asyncio.ensure_future(self.compact())
+
+    async def compact(self) -> None:
+        """Rewrite the journal as the live state; appends wait meanwhile."""
+        async with self._io_lock:
+            records = self._state.to_records()
+            for record in records:
+                record["v"] = RECORD_VERSION
+            try:
+                await asyncio.to_thread(self._rewrite, records)
+            except OSError as error:
+                log.error(
+                    "compaction of %s failed, keeping the old file: %s", self.path, error
+                )
+                return
+            log.info("compacted %d records into %d", self.records, len(records))
+            self.records = len(records)
+
+    def compact_now(self) -> None:
+        """Start-up variant: rewrite synchronously when the file has grown."""
+        if self.records > 2 * len(self._state) + COMPACT_SLACK:
+            records = self._state.to_records()
+            for record in records:
+                record["v"] = RECORD_VERSION
+            self._rewrite(records)
+            self.records = len(records)
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        temporary = self.path.with_name(self.path.name + ".compact")
+        data = b"".join(encode(record) for record in records)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            temporary.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(temporary, self.path)
+        _fsync_directory(self.path.parent)
+        flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        new_fd = os.open(self.path, flags)
+        os.close(self._fd)
+        self._fd = new_fd
+        self._size = len(data)
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish queued writes and a running compaction, then close the file."""
+        if self._flusher is not None:
+            await self._flusher
+        if self._compaction is not None:
+            await self._compaction
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,220 @@
+"""The registry: which snapshot each (project, work item) has, kept durable by the journal.
+
+Every change is expressed as journal records and applied only once they are on disk. The
+registry decides *what* leaves (it retires entries into pending removals); the evictor decides
+*when* Docker is asked to remove them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from .docker_ops import DockerGateway, DockerUnavailable, ImageInfo
+from .errors import DockerUnreachable, ImageNotFound, ImageNotManaged, JournalFailed
+from .journal import Journal, JournalUnavailable
+from .models import DISCOVERED_PROJECT, Key, Reason, Snapshot, Source, Victim, utcnow
+from .state import (
+    PendingRemoval,
+    RegistryState,
+    gone_record,
+    put_record,
+    retire_record,
+    touch_record,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    snapshot: Snapshot
+    created: bool  # a new key (201) rather than an update (200)
+    retired: list[PendingRemoval]  # older images this registration superseded
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    snapshot: Snapshot | None
+    retired: list[PendingRemoval]  # set when the entry expired or lost its image
+    why_missing: str = ""
+
+
+class Registry:
+    def __init__(self, state: RegistryState, journal: Journal, docker: DockerGateway) -> None:
+        self.state = state
+        self.journal = journal
+        self.docker = docker
+        self._key_locks: dict[Key, tuple[asyncio.Lock, int]] = {}  # lock, users
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def get(self, key: Key) -> Snapshot | None:
+        return self.state.entries.get(key)
+
+    def list(self, project: str | None = None) -> list[Snapshot]:
+        entries = self.state.entries.values()
+        if project is not None:
+            entries = [s for s in entries if s.project == project]
+        return sorted(entries, key=lambda s: s.key)
+
+    def pending(self) -> list[PendingRemoval]:
+        return list(self.state.pending.values())
+
+    # --- changes --------------------------------------------------------------------------
+
+    async def register(
+        self, project: str, work_item: str, image: str, size_bytes: int | None
+    ) -> Registration:
+        """Record `image` as the snapshot of (project, work item), superseding what it replaces."""
+        if not self.docker.is_managed(image):
+            raise ImageNotManaged(f"image {image!r} is outside the managed image prefixes")
+        info = await self._inspect(image)
+        if info is None:
+            raise ImageNotFound(f"image {image!r} does not exist in Docker")
+        now = utcnow()
+        key = (project, work_item)
+        async with self._locked(key):
+            current = self.state.entries.get(key)
+            snapshot = Snapshot(
+                project=project,
+                work_item=work_item,
+                image=image,
+                image_id=info.id,
+                size_bytes=size_bytes if size_bytes is not None else info.size_bytes,
+                created_at=info.created_at,
+                # The same image registered again keeps its history of use.
+                last_used_at=current.last_used_at
+                if current and current.ref == (image, info.id)
+                else None,
+                source=Source.REGISTERED,
+            )
+            # The key's previous image, and any entry whose tag now names this new image.
+            superseded = [s for s in self.state.with_tag(image) if s.image_id != info.id]
+            if current is not None and current.ref != snapshot.ref and current not in superseded:
+                superseded.append(current)
+            records = [retire_record(s, Reason.SUPERSEDED, now) for s in superseded]
+            records.append(put_record(snapshot))
+            await self._commit(records)
+        retired = [p for s in superseded if (p := self.state.pending.get(s.ref)) is not None]
+        return Registration(self.state.entries.get(key, snapshot), current is None, retired)
+
+    async def lookup(self, key: Key, ttl: timedelta) -> Lookup:
+        """The entry for `key` if it is fresh and its image still exists; marks it used."""
+        snapshot = self.state.entries.get(key)
+        if snapshot is None:
+            return Lookup(None, [], "no snapshot is registered for this project and work item")
+        now = utcnow()
+        if now - snapshot.created_at > ttl:
+            retired = await self.retire([Victim(snapshot, Reason.TTL)])
+            return Lookup(None, retired, f"the snapshot is older than {int(ttl.total_seconds())}s")
+        try:
+            info = await self.docker.inspect(snapshot.image)
+        except DockerUnavailable:
+            info = None  # cannot check: serve what we know; the router needs Docker anyway
+            log.info("lookup: Docker unreachable, answering %s from the registry", key)
+        else:
+            if info is None or info.id != snapshot.image_id:
+                return await self._lost_image(snapshot)
+        await self._commit([touch_record(snapshot, now)])
+        return Lookup(self.state.entries.get(key), [])
+
+    async def _lost_image(self, snapshot: Snapshot) -> Lookup:
+        """The entry's tag is gone or names another image: drop it, removing ours if dangling."""
+        if await self.docker.inspect(snapshot.image_id) is None:
+            await self._commit([gone_record(snapshot.image, snapshot.image_id)])
+            return Lookup(None, [], "the snapshot's image is gone from Docker")
+        retired = await self.retire([Victim(snapshot, Reason.REPOINTED)])
+        return Lookup(None, retired, "the snapshot's tag now names another image")
+
+    async def retire(self, victims: list[Victim]) -> list[PendingRemoval]:
+        """Take entries out of the registry and mark their images for removal (durably)."""
+        if not victims:
+            return []
+        now = utcnow()
+        await self._commit([retire_record(v.snapshot, v.reason, now) for v in victims])
+        return [p for v in victims if (p := self.state.pending.get(v.snapshot.ref)) is not None]
+
+    async def confirm_gone(self, removals: list[PendingRemoval]) -> None:
+        """Docker confirmed these images gone: forget them."""
+        if removals:
+            await self._commit(
+                [gone_record(p.snapshot.image, p.snapshot.image_id) for p in removals]
+            )
+
+    async def reconcile(self, images: list[ImageInfo], is_managed: Callable[[str], bool]) -> None:
+        """Bring the registry in line with the images Docker has now.
+
+        Entries whose image is gone are dropped, entries whose tag moved to another image are
+        retired, and managed tags nobody registered become `discovered` entries.
+        """
+        image_ids = {image.id for image in images}
+        tag_to_image = {tag: image for image in images for tag in image.tags if is_managed(tag)}
+        now = utcnow()
+        records: list[dict[str, Any]] = []
+        for snapshot in list(self.state.entries.values()):
+            if snapshot.image_id not in image_ids:
+                records.append(gone_record(snapshot.image, snapshot.image_id))
+            elif (
+                found := tag_to_image.get(snapshot.image)
+            ) is None or found.id != snapshot.image_id:
+                records.append(retire_record(snapshot, Reason.REPOINTED, now))
+        for pending in self.state.pending.values():
+            if pending.snapshot.image_id not in image_ids:
+                records.append(gone_record(pending.snapshot.image, pending.snapshot.image_id))
+        for tag, image in tag_to_image.items():
+            if (
+                not self.state.holders((tag, image.id))
+                and (tag, image.id) not in self.state.pending
+            ):
+                records.append(
+                    put_record(
+                        Snapshot(
+                            project=DISCOVERED_PROJECT,
+                            work_item=tag,
+                            image=tag,
+                            image_id=image.id,
+                            size_bytes=image.size_bytes,
+                            created_at=image.created_at,
+                            last_used_at=None,
+                            source=Source.DISCOVERED,
+                        )
+                    )
+                )
+        if records:
+            await self._commit(records)
+            log.info("reconcile: %d changes from %d images in Docker", len(records), len(images))
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def _inspect(self, reference: str) -> ImageInfo | None:
+        try:
+            return await self.docker.inspect(reference)
+        except DockerUnavailable as error:
+            raise DockerUnreachable(f"Docker is not reachable: {error}") from None
+
+    async def _commit(self, records: list[dict[str, Any]]) -> None:
+        try:
+            await self.journal.append(records)
+        except JournalUnavailable as error:
+            raise JournalFailed(f"{error}; nothing was changed") from None
+
+    @asynccontextmanager
+    async def _locked(self, key: Key) -> AsyncIterator[None]:
+        """Serialise read-modify-write of one key; other keys proceed (and share fsyncs)."""
+        lock, users = self._key_locks.get(key, (asyncio.Lock(), 0))
+        self._key_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._key_locks[key]
+            if users == 1:
+                del self._key_locks[key]
+            else:
+                self._key_locks[key] = (lock, users - 1)

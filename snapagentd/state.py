@@ -1,0 +1,140 @@
+"""The registry's in-memory state and the journal records that change it.
+
+The state is exactly the fold of its journal: start-up replay and live changes both go through
+`apply`, so what is in memory can always be rebuilt from disk. Each record names the image
+(tag and id) it is about, so that applying a stale record never clobbers a newer one.
+
+Records (every one also carries "v"):
+  put     {"snapshot"}                 an entry is registered, discovered or replaced
+  touch   {"project","work_item","image_id","at"}   a lookup used the entry
+  retire  {"snapshot","reason","at"}   the entry leaves; its image is pending removal
+  gone    {"image","image_id"}         Docker confirmed that tag and image gone
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .models import ImageRef, Key, Reason, Snapshot, Source, format_time, parse_time
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRemoval:
+    """An image the agent decided to remove and Docker has not yet confirmed gone."""
+
+    snapshot: Snapshot
+    reason: Reason
+    since: datetime
+
+    @property
+    def ref(self) -> ImageRef:
+        return self.snapshot.ref
+
+
+def put_record(snapshot: Snapshot) -> dict[str, Any]:
+    return {"op": "put", "snapshot": snapshot.to_json()}
+
+
+def touch_record(snapshot: Snapshot, moment: datetime) -> dict[str, Any]:
+    return {
+        "op": "touch",
+        "project": snapshot.project,
+        "work_item": snapshot.work_item,
+        "image_id": snapshot.image_id,
+        "at": format_time(moment),
+    }
+
+
+def retire_record(snapshot: Snapshot, reason: Reason, moment: datetime) -> dict[str, Any]:
+    return {
+        "op": "retire",
+        "snapshot": snapshot.to_json(),
+        "reason": reason.value,
+        "at": format_time(moment),
+    }
+
+
+def gone_record(image: str, image_id: str) -> dict[str, Any]:
+    return {"op": "gone", "image": image, "image_id": image_id}
+
+
+class RegistryState:
+    """Live entries by key, and images pending removal by (tag, id)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Key, Snapshot] = {}
+        self.pending: dict[ImageRef, PendingRemoval] = {}
+        self._keys_by_ref: dict[ImageRef, set[Key]] = {}  # which keys hold a (tag, id)
+
+    def __len__(self) -> int:
+        return len(self.entries) + len(self.pending)
+
+    def apply(self, record: dict[str, Any]) -> None:
+        """Apply one journal record. Raises KeyError/ValueError on a malformed one, unchanged."""
+        op = record["op"]
+        if op == "put":
+            snapshot = Snapshot.from_json(record["snapshot"])
+            if snapshot.source is Source.DISCOVERED and self.holders(snapshot.ref):
+                return  # registered meanwhile under a real key: nothing to discover
+            # Registering an image again cancels a removal that has not happened yet.
+            self.pending.pop(snapshot.ref, None)
+            self._set(snapshot)
+        elif op == "touch":
+            key = (record["project"], record["work_item"])
+            moment = parse_time(record["at"])
+            current = self.entries.get(key)
+            if current is not None and current.image_id == record["image_id"]:
+                self.entries[key] = current.touched(moment)
+        elif op == "retire":
+            snapshot = Snapshot.from_json(record["snapshot"])
+            pending = PendingRemoval(snapshot, Reason(record["reason"]), parse_time(record["at"]))
+            current = self.entries.get(snapshot.key)
+            if current is not None and current.image_id == snapshot.image_id:
+                self._delete(snapshot.key)
+            # Another entry still holding this very tag and image keeps it: nothing to remove.
+            if not self.holders(snapshot.ref):
+                self.pending[snapshot.ref] = pending
+        elif op == "gone":
+            ref = (str(record["image"]), str(record["image_id"]))
+            self.pending.pop(ref, None)
+            for key in list(self.holders(ref)):
+                self._delete(key)
+        else:
+            raise ValueError(f"unknown record type {op!r} (written by a newer snapagentd?)")
+
+    def _set(self, snapshot: Snapshot) -> None:
+        if snapshot.key in self.entries:
+            self._delete(snapshot.key)
+        self.entries[snapshot.key] = snapshot
+        self._keys_by_ref.setdefault(snapshot.ref, set()).add(snapshot.key)
+
+    def _delete(self, key: Key) -> None:
+        snapshot = self.entries.pop(key)
+        holders = self._keys_by_ref[snapshot.ref]
+        holders.discard(key)
+        if not holders:
+            del self._keys_by_ref[snapshot.ref]
+
+    def holders(self, ref: ImageRef) -> set[Key]:
+        """Keys of live entries registered with exactly this tag and image id."""
+        return self._keys_by_ref.get(ref, set())
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """The smallest journal that rebuilds this state (pending first: put cancels pending)."""
+        records = [
+            retire_record(pending.snapshot, pending.reason, pending.since)
+            for pending in self.pending.values()
+        ]
+        records.extend(put_record(snapshot) for snapshot in self.entries.values())
+        return records
+
+    def with_tag(self, image: str) -> list[Snapshot]:
+        """Live entries registered under the tag `image`, whatever image id they recorded."""
+        return [
+            self.entries[key]
+            for (tag, _id), keys in self._keys_by_ref.items()
+            if tag == image
+            for key in keys
+        ]

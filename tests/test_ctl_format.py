@@ -1,0 +1,437 @@
+"""Unit tests of snapagentctl's pure functions: formatting, rendering, request building."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from snapagentd.ctl import (
+    DEFAULT_SOCKET,
+    MalformedAnswer,
+    build_parser,
+    build_request,
+    clean,
+    display_width,
+    format_error,
+    format_pairs,
+    format_table,
+    human_age,
+    human_duration,
+    human_size,
+    render,
+    short_id,
+)
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+ENTRY = {
+    "project": "Proj",
+    "work_item": "MNG-1",
+    "image": "cascade-snapshot-proj-mng-1:latest",
+    "image_id": "sha256:0123456789abcdef0123",
+    "size_bytes": 1234567890,
+    "created_at": "2024-04-30T12:00:00.000000Z",
+    "last_used_at": "2024-05-01T09:00:00.000000Z",
+    "source": "registered",
+}
+UNICODE_ENTRY = {
+    "project": "日本プロジェクト",
+    "work_item": "é-2",
+    "image": "cascade-snapshot-x:latest",
+    "image_id": "sha256:fedcba9876543210ff",
+    "size_bytes": None,
+    "created_at": "2024-05-01T11:58:30Z",
+    "last_used_at": None,
+    "source": "registered",
+}
+DISCOVERED_ENTRY = {
+    "project": "",
+    "work_item": "",
+    "image": "cascade-snapshot-old:latest",
+    "image_id": "sha256:aaaaaaaaaaaaaaaa",
+    "size_bytes": 999,
+    "created_at": "2024-04-01T12:00:00Z",
+    "last_used_at": None,
+    "source": "discovered",
+}
+STATUS = {
+    "version": "0.1.0",
+    "docker": {"reachable": True, "error": None, "url": "unix:///run/docker.sock"},
+    "snapshots": {"count": 3, "total_size_bytes": 1234568889, "pending_removal": 0},
+    "policy": {
+        "ttl_seconds": 86400,
+        "max_count": 5,
+        "max_size_bytes": 10 * 1024**3,
+        "interval_seconds": 300,
+        "min_age_seconds": 0,
+    },
+    "last_eviction": None,
+    "journal": {"path": "/var/lib/snapagentd/journal.jsonl", "records": 12},
+}
+
+
+# --- sizes, durations, ages ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (None, "-"),
+        (0, "0 B"),
+        (999, "999 B"),
+        (1000, "1.0 kB"),
+        (1234, "1.2 kB"),
+        (999_949, "999.9 kB"),
+        (999_950, "1.0 MB"),  # rounding up must carry into the next unit, never "1000.0 kB"
+        (1_234_567_890, "1.2 GB"),
+        (10 * 1024**3, "10.7 GB"),
+        (2_500_000_000_000, "2.5 TB"),
+        (3 * 1000**6, "3000.0 PB"),
+    ],
+)
+def test_human_size(size: int | None, expected: str) -> None:
+    assert human_size(size) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, True, "12", 1.5])
+def test_human_size_rejects_non_integers(bad: object) -> None:
+    with pytest.raises(ValueError, match="size is not a non-negative integer"):
+        human_size(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [(0, "0s"), (45, "45s"), (90, "1m30s"), (300, "5m"), (86400, "1d"), (90061, "1d1h")],
+)
+def test_human_duration(seconds: int, expected: str) -> None:
+    assert human_duration(seconds) == expected
+
+
+@pytest.mark.parametrize(
+    ("iso", "expected"),
+    [
+        (None, "-"),
+        ("2024-05-01T12:00:00Z", "just now"),
+        ("2024-05-01T11:59:59.500000Z", "just now"),
+        ("2024-05-01T11:59:15Z", "45s ago"),
+        ("2024-05-01T11:58:30Z", "1m ago"),
+        ("2024-05-01T08:59:00.123456Z", "3h ago"),  # 3h01m: the largest unit only
+        ("2024-05-01T11:00:00+02:00", "3h ago"),  # an offset is honoured
+        ("2024-05-01T09:00:00", "3h ago"),  # no zone means UTC
+        ("2024-04-28T12:00:00Z", "3d ago"),
+        ("2023-05-01T12:00:00Z", "366d ago"),
+        ("2024-05-01T12:05:00Z", "in 5m"),  # clock skew: the future is said as such
+    ],
+)
+def test_human_age(iso: str | None, expected: str) -> None:
+    assert human_age(iso, NOW) == expected
+
+
+@pytest.mark.parametrize("bad", ["yesterday", 12])
+def test_human_age_rejects_non_times(bad: object) -> None:
+    with pytest.raises(ValueError):
+        human_age(bad, NOW)  # type: ignore[arg-type]
+
+
+def test_short_id() -> None:
+    assert short_id("sha256:0123456789abcdef0123") == "0123456789ab"
+    assert short_id("0123456789abcdef") == "0123456789ab"
+
+
+# --- text, tables, pairs ---------------------------------------------------------------------
+
+
+def test_clean_marks_empty_and_escapes_control_characters() -> None:
+    assert clean(None) == "-"
+    assert clean("") == "-"
+    assert clean(0) == "0"
+    assert clean("日本 é") == "日本 é"
+    assert clean("a\nb\tc") == "a\\nb\\tc"
+    assert clean("\x1b[31mred") == "\\x1b[31mred"
+    assert clean("line\u2028sep") == "line\\u2028sep"
+
+
+def test_display_width_counts_terminal_columns() -> None:
+    assert display_width("abc") == 3
+    assert display_width("日本") == 4
+    assert display_width("é") == 1  # precomposed
+    assert display_width("e\u0301") == 1  # e + combining acute
+    assert display_width("\uff30") == 2  # fullwidth P
+
+
+def test_format_table_aligns_wide_characters() -> None:
+    rows = [["日本", "x"], ["abcde", "y"], ["e\u0301", "zz"]]
+    assert format_table(rows, ["PROJECT", "N"]).split("\n") == [
+        "PROJECT  N",
+        "日本     x",
+        "abcde    y",
+        "e\u0301        zz",
+    ]
+
+
+def test_format_table_has_no_trailing_spaces() -> None:
+    assert format_table([["a", ""]], ["LONG HEADER", "B"]) == "LONG HEADER  B\na"
+
+
+def test_format_pairs_aligns_values() -> None:
+    assert format_pairs([("id", "1"), ("work item", "w"), ("日本", "")]) == (
+        "id:        1\nwork item: w\n日本:"
+    )
+
+
+# --- render ----------------------------------------------------------------------------------
+
+
+def test_render_list() -> None:
+    body = {"snapshots": [ENTRY, UNICODE_ENTRY, DISCOVERED_ENTRY]}
+    assert render("list", body, NOW).split("\n") == [
+        "PROJECT           WORK ITEM  IMAGE                               ID            SIZE    "
+        "CREATED  LAST USED  SOURCE",
+        "Proj              MNG-1      cascade-snapshot-proj-mng-1:latest  0123456789ab  1.2 GB  "
+        "1d ago   3h ago     registered",
+        "日本プロジェクト  é-2        cascade-snapshot-x:latest           fedcba987654  -       "
+        "1m ago   -          registered",
+        "-                 -          cascade-snapshot-old:latest         aaaaaaaaaaaa  999 B   "
+        "30d ago  -          discovered",
+    ]
+
+
+def test_render_empty_list() -> None:
+    assert render("list", {"snapshots": []}, NOW) == "no snapshots"
+
+
+def test_render_evict() -> None:
+    body = {
+        "dry_run": True,
+        "evicted": [
+            {**ENTRY, "reason": "ttl", "result": "planned"},
+            {**DISCOVERED_ENTRY, "reason": "count", "result": "in-use"},
+        ],
+    }
+    assert render("evict", body, NOW).split("\n") == [
+        "PROJECT  WORK ITEM  IMAGE                               ID            SIZE    CREATED  "
+        "LAST USED  SOURCE      REASON  RESULT",
+        "Proj     MNG-1      cascade-snapshot-proj-mng-1:latest  0123456789ab  1.2 GB  1d ago   "
+        "3h ago     registered  ttl     planned",
+        "-        -          cascade-snapshot-old:latest         aaaaaaaaaaaa  999 B   30d ago  "
+        "-          discovered  count   in-use",
+    ]
+
+
+def test_render_empty_evict() -> None:
+    assert render("evict", {"dry_run": False, "evicted": []}, NOW) == "nothing to evict"
+
+
+@pytest.mark.parametrize("command", ["lookup", "register"])
+def test_render_single_snapshot(command: str) -> None:
+    assert render(command, {"snapshot": ENTRY}, NOW) == (
+        "project:   Proj\n"
+        "work item: MNG-1\n"
+        "image:     cascade-snapshot-proj-mng-1:latest\n"
+        "id:        sha256:0123456789abcdef0123\n"
+        "size:      1.2 GB (1234567890 bytes)\n"
+        "created:   2024-04-30T12:00:00.000000Z (1d ago)\n"
+        "last used: 2024-05-01T09:00:00.000000Z (3h ago)\n"
+        "source:    registered"
+    )
+
+
+def test_render_remove_with_null_fields() -> None:
+    assert render("remove", {"snapshot": UNICODE_ENTRY, "result": "already-gone"}, NOW) == (
+        "project:   日本プロジェクト\n"
+        "work item: é-2\n"
+        "image:     cascade-snapshot-x:latest\n"
+        "id:        sha256:fedcba9876543210ff\n"
+        "size:      -\n"
+        "created:   2024-05-01T11:58:30Z (1m ago)\n"
+        "last used: -\n"
+        "source:    registered\n"
+        "result:    already-gone"
+    )
+
+
+def test_render_status_never_evicted() -> None:
+    assert render("status", STATUS, NOW) == (
+        "version:       0.1.0\n"
+        "docker:        reachable (unix:///run/docker.sock)\n"
+        "snapshots:     3, 1.2 GB total, 0 pending removal\n"
+        "policy:        ttl 1d, max 5 snapshots, max 10.7 GB, every 5m, min age 0s\n"
+        "last eviction: never\n"
+        "journal:       /var/lib/snapagentd/journal.jsonl (12 records)"
+    )
+
+
+def test_render_status_docker_down_after_an_eviction() -> None:
+    body = {
+        **STATUS,
+        "docker": {"reachable": False, "error": "connection refused", "url": "tcp://h:2375"},
+        "last_eviction": {
+            "started_at": "2024-05-01T11:55:00Z",
+            "finished_at": "2024-05-01T11:55:02Z",
+            "trigger": "interval",
+            "removed": 2,
+            "in_use": 1,
+            "already_gone": 0,
+            "failed": 1,
+            "error": "docker: boom",
+        },
+    }
+    lines = render("status", body, NOW).split("\n")
+    assert lines[1] == "docker:        unreachable (tcp://h:2375): connection refused"
+    assert lines[4] == (
+        "last eviction: 5m ago (interval): 2 removed, 1 in use, 0 already gone, 1 failed, "
+        "error: docker: boom"
+    )
+
+
+def test_render_status_eviction_still_running() -> None:
+    running = {
+        "started_at": "2024-05-01T11:59:50Z",
+        "finished_at": None,
+        "trigger": "manual",
+        "removed": 0,
+        "in_use": 0,
+        "already_gone": 0,
+        "failed": 0,
+        "error": None,
+    }
+    lines = render("status", {**STATUS, "last_eviction": running}, NOW).split("\n")
+    assert lines[4] == (
+        "last eviction: 10s ago (manual): 0 removed, 0 in use, 0 already gone, 0 failed, "
+        "still running"
+    )
+
+
+def test_render_escapes_control_characters_from_the_server() -> None:
+    entry = {**ENTRY, "project": "evil\x1b]0;title\x07", "work_item": "a\nb"}
+    output = render("lookup", {"snapshot": entry}, NOW)
+    assert output.split("\n")[:2] == [
+        "project:   evil\\x1b]0;title\\x07",
+        "work item: a\\nb",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "body", "message"),
+    [
+        ("list", {}, "missing field 'snapshots'"),
+        ("list", {"snapshots": [{"project": "p"}]}, "missing field 'work_item'"),
+        ("list", {"snapshots": None}, "unexpected structure ('NoneType' object is not iterable)"),
+        ("lookup", {"snapshot": {**ENTRY, "size_bytes": "12"}}, "size is not a non-negative"),
+        ("register", {"snapshot": {**ENTRY, "created_at": "yesterday"}}, "yesterday"),
+        ("evict", {"evicted": [ENTRY]}, "missing field 'reason'"),
+        ("status", {**STATUS, "journal": None}, "unexpected structure"),
+        (
+            "status",
+            {**STATUS, "snapshots": {**STATUS["snapshots"], "pending_removal": "x"}},
+            "pending_removal is not a non-negative integer: 'x'",
+        ),
+        ("remove", {"snapshot": ENTRY}, "missing field 'result'"),
+    ],
+)
+def test_render_malformed_answers(command: str, body: dict, message: str) -> None:
+    with pytest.raises(MalformedAnswer) as caught:
+        render(command, body, NOW)
+    assert message in str(caught.value)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_format_error_uses_the_server_code_and_message() -> None:
+    body = b'{"error": {"code": "not_found", "message": "no snapshot for (\'p\', \'w\')"}}'
+    assert format_error(404, "Not Found", body) == (
+        "snapagentctl: not_found: no snapshot for ('p', 'w')"
+    )
+
+
+def test_format_error_escapes_control_characters() -> None:
+    body = b'{"error": {"code": "bad_request", "message": "line1\\nline2"}}'
+    assert format_error(400, "Bad Request", body) == "snapagentctl: bad_request: line1\\nline2"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"<html>oops</html>", "snapagentctl: HTTP 502 Bad Gateway: <html>oops</html>"),
+        (b"", "snapagentctl: HTTP 502 Bad Gateway"),
+        (b" \n", "snapagentctl: HTTP 502 Bad Gateway"),
+        (b'{"error": "boom"}', 'snapagentctl: HTTP 502 Bad Gateway: {"error": "boom"}'),
+        (
+            b'{"error": {"code": 1, "message": null}}',
+            'snapagentctl: HTTP 502 Bad Gateway: {"error": {"code": 1, "message": null}}',
+        ),
+        (b"\xff\xfe", "snapagentctl: HTTP 502 Bad Gateway: \ufffd\ufffd"),
+        (b"x" * 300, "snapagentctl: HTTP 502 Bad Gateway: " + "x" * 200),
+    ],
+)
+def test_format_error_without_the_error_shape(body: bytes, expected: str) -> None:
+    assert format_error(502, "Bad Gateway", body) == expected
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+PW = {"project": "P", "work_item": "W"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["status"], ("GET", "/v1/status", None)),
+        (["list"], ("GET", "/v1/snapshots", None)),
+        (
+            ["list", "--project", "Proj Snap/é&x"],
+            ("GET", "/v1/snapshots?project=Proj+Snap%2F%C3%A9%26x", None),
+        ),
+        (["list", "--project", ""], ("GET", "/v1/snapshots?project=", None)),
+        (["lookup", "P", "W"], ("POST", "/v1/snapshots/lookup", PW)),
+        (
+            ["lookup", "P", "W", "--ttl", "60"],
+            ("POST", "/v1/snapshots/lookup", {**PW, "ttl_seconds": 60}),
+        ),
+        (
+            ["register", "P", "W", "img:latest"],
+            ("POST", "/v1/snapshots", {**PW, "image": "img:latest"}),
+        ),
+        (
+            ["register", "P", "W", "img", "--size", "0"],
+            ("POST", "/v1/snapshots", {**PW, "image": "img", "size_bytes": 0}),
+        ),
+        (["remove", "P", "a b&c"], ("DELETE", "/v1/snapshots?project=P&work_item=a+b%26c", None)),
+        (["evict"], ("POST", "/v1/evict", {"dry_run": False})),
+        (["evict", "--dry-run"], ("POST", "/v1/evict", {"dry_run": True})),
+    ],
+)
+def test_build_request(argv: list[str], expected: tuple) -> None:
+    assert build_request(build_parser().parse_args(argv)) == expected
+
+
+def test_parser_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SNAPAGENTD_SOCKET", raising=False)
+    args = build_parser().parse_args(["status"])
+    assert (args.socket, args.json, args.timeout) == (DEFAULT_SOCKET, False, 30.0)
+    assert DEFAULT_SOCKET == "/run/snapagentd/snapagentd.sock"
+    monkeypatch.setenv("SNAPAGENTD_SOCKET", "/tmp/env.sock")
+    assert build_parser().parse_args(["status"]).socket == "/tmp/env.sock"
+    args = build_parser().parse_args(["--socket", "/x.sock", "--json", "--timeout", "2.5", "list"])
+    assert (args.socket, args.json, args.timeout) == ("/x.sock", True, 2.5)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["lookup", "P"],
+        ["lookup", "P", "W", "--ttl", "-5"],
+        ["register", "P", "W", "img", "--size", "1.5"],
+        ["--timeout", "0", "status"],
+        ["--timeout", "nan", "status"],
+    ],
+)
+def test_parser_usage_errors_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(argv)
+    assert caught.value.code == 2
