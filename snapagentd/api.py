@@ -39,8 +39,9 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_NAME_CHARS = 1024  # project and work item
 # Docker's reference grammar: [host[:port]/]component(/component)*[:tag], lower-case names.
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_HOST = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
 _REFERENCE = re.compile(
-    rf"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
+    rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 

@@ -62,6 +62,7 @@ def build_app(settings: Settings, notifier: Notifier) -> web.Application:
             journal.load()
             journal.compact_now()
         except Exception as error:
+            await journal.close()
             raise StartupError(str(error)) from None
         docker = DockerGateway(settings.docker.url, settings.docker.is_managed)
         registry = Registry(state, journal, docker)
@@ -181,13 +182,16 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
     notifier = Notifier()
     telemetry.init(settings.sentry)
     notifier.status("starting: replaying the journal")
+    # Bound first: routers that connect during start-up wait in the backlog instead of failing.
+    sock = socket_from_systemd()
+    bound_here = sock is None
+    if sock is None:
+        api = settings.api
+        sock = bind_unix_socket(api.socket, api.socket_mode, api.socket_group)
     app = build_app(settings, notifier)
     runner = _runner(app)
     try:
         await runner.setup()  # journal replay, Docker reconcile, first eviction
-        sock = socket_from_systemd() or bind_unix_socket(
-            settings.api.socket, settings.api.socket_mode, settings.api.socket_group
-        )
         await _site(runner, sock).start()
         services: Services = app[SERVICES]
         stop = asyncio.Event()
@@ -197,13 +201,16 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
         loop.add_signal_handler(
             signal.SIGHUP, lambda: reload_policy(services, reload_settings, notifier)
         )
-        log.info("listening on %s", sock.getsockname() or settings.api.socket)
+        log.info("listening on %s", settings.api.socket)
         notifier.ready(status_line(services))
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
         notifier.stopping()
     finally:
         await runner.cleanup()
+        sock.close()
+        if bound_here:
+            settings.api.socket.unlink(missing_ok=True)
         telemetry.flush()
 
 

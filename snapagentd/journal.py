@@ -9,6 +9,7 @@ fsyncs it, renames it over the journal and fsyncs the directory.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -77,6 +78,7 @@ class Journal:
         self.records = 0
         self._state = state
         self._fd = -1
+        self._dir_fd = -1
         self._size = 0  # bytes of whole, fsynced records: the truncation point after a failure
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -96,6 +98,14 @@ class Journal:
             raise JournalCorrupt(f"{self.path}: cannot open journal: {error.strerror}") from None
         if created:
             _fsync_directory(self.path.parent)
+        # One writer only: a second daemon on the same journal would corrupt it. The lock is on
+        # the directory, which (unlike the file) compaction never replaces.
+        self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._close_files()
+            raise JournalCorrupt(f"{self.path} is in use by another snapagentd") from None
         with open(self._fd, "rb", closefd=False) as stream:
             content = stream.read()
         lines = content.split(b"\n")
@@ -253,9 +263,13 @@ class Journal:
             await self._flusher
         if self._compaction is not None:
             await self._compaction
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for fd in (self._fd, self._dir_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._dir_fd = -1
 
 
 def _fsync_directory(directory: Path) -> None:

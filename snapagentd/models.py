@@ -64,6 +64,8 @@ def format_time(moment: datetime | None) -> str | None:
 def parse_time(text: str | None) -> datetime | None:
     if text is None:
         return None
+    if not isinstance(text, str):
+        raise ValueError(f"time is not a string: {text!r}")
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         raise ValueError(f"time without a zone: {text!r}")
@@ -117,7 +119,8 @@ class Snapshot:
         if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
             raise ValueError(f"size_bytes is not an integer: {size!r}")
         created_at = parse_time(data["created_at"])
-        assert created_at is not None
+        if created_at is None:
+            raise ValueError("created_at is missing")
         return cls(
             project=str(data["project"]),
             work_item=str(data["work_item"]),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .models import ImageRef, Key, Reason, Snapshot, Source, format_time, parse_time
+from .models import DISCOVERED_PROJECT, ImageRef, Key, Reason, Snapshot, Source, format_time, parse_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +78,9 @@ class RegistryState:
             snapshot = Snapshot.from_json(record["snapshot"])
             if snapshot.source is Source.DISCOVERED and self.holders(snapshot.ref):
                 return  # registered meanwhile under a real key: nothing to discover
+            # A registration adopts the image: its discovered stand-in goes.
+            for key in [k for k in self.holders(snapshot.ref) if k[0] == DISCOVERED_PROJECT]:
+                self._delete(key)
             # Registering an image again cancels a removal that has not happened yet.
             self.pending.pop(snapshot.ref, None)
             self._set(snapshot)

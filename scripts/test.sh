@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Run the whole test suite twice, against real (private) Docker engines:
+#   1. .venv (base python3 + the newest PyPI versions of every dependency);
+#   2. Debian 12's /usr/bin/python3 with Debian's packages (aiohttp 3.8, docker 5.0.3,
+#      sentry-sdk 1.9, sdnotify 0.3), the versions the agent must keep working with.
+# plus `ruff check snapagentd tests`. Installs what it needs (Debian's docker.io and
+# python3-* packages, the venv). Must run as root: the tests start a private dockerd.
+# Extra arguments go to both pytest runs, e.g. scripts/test.sh -x -k evict
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+require_root "scripts/test.sh"
+
+DEBIAN_PYTHON_PACKAGES=(
+	python3-aiohttp python3-docker python3-sdnotify python3-sentry-sdk
+	python3-pytest python3-pytest-aiohttp python3-tomli
+)
+ensure_apt_packages docker.io "${DEBIAN_PYTHON_PACKAGES[@]}"
+ensure_venv .venv
+
+command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] ||
+	die "dockerd is missing although docker.io is installed"
+
+VERSIONS_PY='
+import sys
+from importlib.metadata import PackageNotFoundError, version
+names = ["aiohttp", "docker", "sdnotify", "sentry-sdk", "pytest", "pytest-aiohttp",
+         "pytest-asyncio", "requests", "urllib3", "ruff"]
+found = []
+for name in names:
+    try:
+        found.append(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        pass
+print(f"    python {sys.version.split()[0]} ({sys.executable}): " + ", ".join(found))
+'
+
+failed=()
+
+run_step() { # run_step NAME COMMAND...: run it, remember a failure, go on
+	local name=$1
+	shift
+	log "$name"
+	if "$@"; then
+		log "$name: passed"
+	else
+		local status=$?
+		log "$name: FAILED (exit status $status)"
+		failed+=("$name (exit $status)")
+	fi
+}
+
+log "dockerd: $(dockerd --version 2>/dev/null || /usr/sbin/dockerd --version)"
+
+run_step "ruff check snapagentd tests" .venv/bin/ruff check snapagentd tests
+
+log "pass 1/2 versions (newest from PyPI):"
+.venv/bin/python -c "$VERSIONS_PY"
+run_step "pytest pass 1/2: .venv, newest PyPI versions" \
+	.venv/bin/python -m pytest tests "$@"
+
+log "pass 2/2 versions (Debian 12 packages):"
+PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -c "$VERSIONS_PY"
+run_step "pytest pass 2/2: /usr/bin/python3, Debian 12 versions" \
+	env PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -m pytest tests -p no:cacheprovider "$@"
+
+if [ "${#failed[@]}" -gt 0 ]; then
+	log "FAILED steps:"
+	printf '    %s\n' "${failed[@]}" >&2
+	exit 1
+fi
+log "all steps passed: ruff, pytest on the newest PyPI versions, pytest on Debian 12's versions"

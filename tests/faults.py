@@ -1,0 +1,103 @@
+"""Hand-written fakes for faults a real engine cannot produce on demand.
+
+`FaultyDockerProxy` forwards every request to a real dockerd over its Unix socket, except image
+deletions while `fail_removals` is set, which it answers with a 500 as a broken engine would.
+`SentryReceiver` is a loopback HTTP server that accepts Sentry's envelopes and keeps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+
+class _LoopThread:
+    """An aiohttp server on an event loop of its own thread, so sync tests can use it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._runner: web.AppRunner | None = None
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    async def _serve(self, app: web.Application, **site: Any) -> None:
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        if "path" in site:
+            await web.UnixSite(self._runner, site["path"]).start()
+        else:
+            await web.TCPSite(self._runner, "127.0.0.1", site["port"]).start()
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self.run(self._runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class FaultyDockerProxy(_LoopThread):
+    def __init__(self, path: Path, docker_socket: str) -> None:
+        super().__init__()
+        self.path = path
+        self.url = f"unix://{path}"
+        self.docker_socket = docker_socket
+        self.fail_removals = False
+        self.failed_removals = 0
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self.run(self._serve(app, path=str(path)))
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self.fail_removals and request.method == "DELETE" and "/images/" in request.path:
+            self.failed_removals += 1
+            return web.json_response({"message": "injected fault: driver failed"}, status=500)
+        connector = aiohttp.UnixConnector(path=self.docker_socket)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.request(
+                request.method, f"http://docker{request.path_qs}",
+                data=await request.read(),
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+            ) as upstream:
+                body = await upstream.read()
+                headers = {k: v for k, v in upstream.headers.items()
+                           if k.lower() not in {"content-length", "transfer-encoding",
+                                                "content-encoding", "connection"}}
+                return web.Response(status=upstream.status, body=body, headers=headers)
+
+
+class SentryReceiver(_LoopThread):
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+        app = web.Application(client_max_size=16 * 1024**2)
+        app.router.add_post("/api/{project}/envelope/", self._envelope)
+        app.router.add_post("/api/{project}/store/", self._store)
+        self.dsn = f"http://public@127.0.0.1:{port}/1"
+        self.run(self._serve(app, port=port))
+
+    async def _body(self, request: web.Request) -> bytes:
+        body = await request.read()  # aiohttp decodes Content-Encoding itself; older ones may not
+        return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+
+    async def _envelope(self, request: web.Request) -> web.Response:
+        lines = (await self._body(request)).split(b"\n")
+        # Envelope: a header line, then (item header, item payload) pairs.
+        for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+            if json.loads(header).get("type") == "event":
+                self.events.append(json.loads(payload))
+        return web.json_response({})
+
+    async def _store(self, request: web.Request) -> web.Response:
+        self.events.append(json.loads(await self._body(request)))
+        return web.json_response({})
