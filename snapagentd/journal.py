@@ -216,9 +216,7 @@ class Journal:
             try:
                 await asyncio.to_thread(self._rewrite, records)
             except OSError as error:
-                log.error(
-                    "compaction of %s failed, keeping the old file: %s", self.path, error
-                )
+                log.error("compaction of %s failed, keeping the old file: %s", self.path, error)
                 return
             log.info("compacted %d records into %d", self.records, len(records))
             self.records = len(records)

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .models import DISCOVERED_PROJECT, ImageRef, Key, Reason, Snapshot, Source, format_time, parse_time
+from .models import (
+    DISCOVERED_PROJECT,
+    ImageRef,
+    Key,
+    Reason,
+    Snapshot,
+    Source,
+    format_time,
+    parse_time,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,10 @@ class Agent:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "snapagentd", "--config", str(self.config_path)],
-                stdout=log, stderr=log, env=environment, cwd=self.directory,
+                stdout=log,
+                stderr=log,
+                env=environment,
+                cwd=self.directory,
             )
         return self.process
 

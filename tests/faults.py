@@ -63,17 +63,23 @@ class FaultyDockerProxy(_LoopThread):
             self.failed_removals += 1
             return web.json_response({"message": "injected fault: driver failed"}, status=500)
         connector = aiohttp.UnixConnector(path=self.docker_socket)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            async with session.request(
-                request.method, f"http://docker{request.path_qs}",
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.request(
+                request.method,
+                f"http://docker{request.path_qs}",
                 data=await request.read(),
                 headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
-            ) as upstream:
-                body = await upstream.read()
-                headers = {k: v for k, v in upstream.headers.items()
-                           if k.lower() not in {"content-length", "transfer-encoding",
-                                                "content-encoding", "connection"}}
-                return web.Response(status=upstream.status, body=body, headers=headers)
+            ) as upstream,
+        ):
+            body = await upstream.read()
+            headers = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower()
+                not in {"content-length", "transfer-encoding", "content-encoding", "connection"}
+            }
+            return web.Response(status=upstream.status, body=body, headers=headers)
 
 
 class SentryReceiver(_LoopThread):

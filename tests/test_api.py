@@ -15,9 +15,13 @@ pytestmark = pytest.mark.usefixtures("clean_engine")
 def test_register_then_lookup_marks_use(agent, docker_client):
     image_id = make_image(docker_client, "cascade-snapshot-proj-w1:latest", size=3000)
     status, body = agent.call(
-        "POST", "/v1/snapshots",
-        {"project": "Proj Snap", "work_item": "MNG_652/Worker Snapshot!",
-         "image": "cascade-snapshot-proj-w1"},
+        "POST",
+        "/v1/snapshots",
+        {
+            "project": "Proj Snap",
+            "work_item": "MNG_652/Worker Snapshot!",
+            "image": "cascade-snapshot-proj-w1",
+        },
     )
     assert status == 201
     entry = body["snapshot"]
@@ -28,20 +32,27 @@ def test_register_then_lookup_marks_use(agent, docker_client):
     assert entry["last_used_at"] is None
     assert entry["created_at"].endswith("Z")
 
-    found = agent.ok("POST", "/v1/snapshots/lookup",
-                     {"project": "Proj Snap", "work_item": "MNG_652/Worker Snapshot!"})
+    found = agent.ok(
+        "POST",
+        "/v1/snapshots/lookup",
+        {"project": "Proj Snap", "work_item": "MNG_652/Worker Snapshot!"},
+    )
     assert found["snapshot"]["image_id"] == image_id
     assert found["snapshot"]["last_used_at"] is not None
 
 
 def test_register_same_key_again_is_200_and_keeps_given_size(agent, docker_client):
     make_image(docker_client, "cascade-snapshot-a:latest")
-    first = agent.call("POST", "/v1/snapshots",
-                       {"project": "p", "work_item": "w", "image": "cascade-snapshot-a:latest",
-                        "size_bytes": 42})
-    again = agent.call("POST", "/v1/snapshots",
-                       {"project": "p", "work_item": "w", "image": "cascade-snapshot-a:latest",
-                        "size_bytes": 43})
+    first = agent.call(
+        "POST",
+        "/v1/snapshots",
+        {"project": "p", "work_item": "w", "image": "cascade-snapshot-a:latest", "size_bytes": 42},
+    )
+    again = agent.call(
+        "POST",
+        "/v1/snapshots",
+        {"project": "p", "work_item": "w", "image": "cascade-snapshot-a:latest", "size_bytes": 43},
+    )
     assert (first[0], again[0]) == (201, 200)
     assert again[1]["snapshot"]["size_bytes"] == 43
 
@@ -53,8 +64,9 @@ def test_unicode_and_slashes_in_keys_round_trip(agent, docker_client):
     listed = agent.ok("GET", "/v1/snapshots", query={"project": project})["snapshots"]
     assert [(e["project"], e["work_item"]) for e in listed] == [(project, work_item)]
     assert agent.ok("GET", "/v1/snapshots", query={"project": "other"})["snapshots"] == []
-    status, body = agent.call("DELETE", "/v1/snapshots",
-                              query={"project": project, "work_item": work_item})
+    status, body = agent.call(
+        "DELETE", "/v1/snapshots", query={"project": project, "work_item": work_item}
+    )
     assert status == 200 and body["result"] == "removed"
     assert not image_exists(docker_client, "cascade-snapshot-u:latest")
 
@@ -63,32 +75,84 @@ def test_unicode_and_slashes_in_keys_round_trip(agent, docker_client):
     ("body", "status", "code", "mentions"),
     [
         ({"work_item": "w", "image": "cascade-snapshot-a:latest"}, 400, "invalid-field", "project"),
-        ({"project": 5, "work_item": "w", "image": "cascade-snapshot-a"}, 400, "invalid-field",
-         "project"),
-        ({"project": "", "work_item": "w", "image": "cascade-snapshot-a"}, 400, "invalid-field",
-         "project"),
-        ({"project": "p", "work_item": "w\x00", "image": "cascade-snapshot-a"}, 400,
-         "invalid-field", "work_item"),
-        ({"project": "p" * 1025, "work_item": "w", "image": "cascade-snapshot-a"}, 400,
-         "invalid-field", "project"),
-        ({"project": "p", "work_item": "w", "image": "cascade-snapshot-a", "size_bytes": -1},
-         400, "invalid-field", "size_bytes"),
-        ({"project": "p", "work_item": "w", "image": "cascade-snapshot-a", "size_bytes": True},
-         400, "invalid-field", "size_bytes"),
-        ({"project": "p", "work_item": "w", "image": "cascade-snapshot-a", "extra": 1}, 400,
-         "invalid-field", "extra"),
-        ({"project": "p", "work_item": "w", "image": "Cascade-Snapshot-A"}, 400, "invalid-field",
-         "image"),
-        ({"project": "p", "work_item": "w", "image": "../cascade-snapshot-a"}, 400,
-         "invalid-field", "image"),
-        ({"project": "p", "work_item": "w", "image": "foreign:latest"}, 403, "image-not-managed",
-         "foreign"),
-        ({"project": "p", "work_item": "w", "image": "sha256:" + "a" * 64}, 403,
-         "image-not-managed", "sha256"),
-        ({"project": "p", "work_item": "w", "image": "cascade-snapshot-a@sha256:" + "a" * 64},
-         403, "image-not-managed", "digest"),
-        ({"project": "p", "work_item": "w", "image": "cascade-snapshot-absent:latest"}, 404,
-         "image-not-found", "cascade-snapshot-absent"),
+        (
+            {"project": 5, "work_item": "w", "image": "cascade-snapshot-a"},
+            400,
+            "invalid-field",
+            "project",
+        ),
+        (
+            {"project": "", "work_item": "w", "image": "cascade-snapshot-a"},
+            400,
+            "invalid-field",
+            "project",
+        ),
+        (
+            {"project": "p", "work_item": "w\x00", "image": "cascade-snapshot-a"},
+            400,
+            "invalid-field",
+            "work_item",
+        ),
+        (
+            {"project": "p" * 1025, "work_item": "w", "image": "cascade-snapshot-a"},
+            400,
+            "invalid-field",
+            "project",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "cascade-snapshot-a", "size_bytes": -1},
+            400,
+            "invalid-field",
+            "size_bytes",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "cascade-snapshot-a", "size_bytes": True},
+            400,
+            "invalid-field",
+            "size_bytes",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "cascade-snapshot-a", "extra": 1},
+            400,
+            "invalid-field",
+            "extra",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "Cascade-Snapshot-A"},
+            400,
+            "invalid-field",
+            "image",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "../cascade-snapshot-a"},
+            400,
+            "invalid-field",
+            "image",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "foreign:latest"},
+            403,
+            "image-not-managed",
+            "foreign",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "sha256:" + "a" * 64},
+            403,
+            "image-not-managed",
+            "sha256",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "cascade-snapshot-a@sha256:" + "a" * 64},
+            403,
+            "image-not-managed",
+            "digest",
+        ),
+        (
+            {"project": "p", "work_item": "w", "image": "cascade-snapshot-absent:latest"},
+            404,
+            "image-not-found",
+            "cascade-snapshot-absent",
+        ),
     ],
 )
 def test_register_rejects_bad_input(agent, body, status, code, mentions):
@@ -105,8 +169,7 @@ def test_register_rejects_bad_input(agent, body, status, code, mentions):
         ("POST", "/v1/snapshots", b"{not json", 400, "invalid-json"),
         ("POST", "/v1/snapshots", b"[1, 2]", 400, "invalid-json"),
         ("POST", "/v1/snapshots", b"\xff\xfe", 400, "invalid-json"),
-        ("POST", "/v1/snapshots", b'{"project": "' + b"x" * 70_000 + b'"}', 413,
-         "body-too-large"),
+        ("POST", "/v1/snapshots", b'{"project": "' + b"x" * 70_000 + b'"}', 413, "body-too-large"),
         ("GET", "/nowhere", None, 404, "not-found"),
         ("PUT", "/v1/status", None, 405, "method-not-allowed"),
         ("POST", "/v1/evict", b'{"dry_run": "yes"}', 400, "invalid-field"),
@@ -122,8 +185,9 @@ def test_protocol_errors_are_json(agent, method, path, raw, status, code):
 
 def test_foreign_image_is_refused_and_untouched(agent, docker_client):
     foreign_id = make_image(docker_client, "foreign-app:latest")
-    status, answer = agent.call("POST", "/v1/snapshots",
-                                {"project": "p", "work_item": "w", "image": "foreign-app:latest"})
+    status, answer = agent.call(
+        "POST", "/v1/snapshots", {"project": "p", "work_item": "w", "image": "foreign-app:latest"}
+    )
     assert (status, answer["error"]["code"]) == (403, "image-not-managed")
     agent.ok("POST", "/v1/evict", {})
     assert image_exists(docker_client, foreign_id)
@@ -137,8 +201,9 @@ def test_lookup_unknown_is_404(agent):
 def test_lookup_of_expired_entry_removes_its_image(agent, docker_client):
     image_id = make_image(docker_client, "cascade-snapshot-old:latest")
     agent.register("p", "w", "cascade-snapshot-old:latest")
-    status, answer = agent.call("POST", "/v1/snapshots/lookup",
-                                {"project": "p", "work_item": "w", "ttl_seconds": 0})
+    status, answer = agent.call(
+        "POST", "/v1/snapshots/lookup", {"project": "p", "work_item": "w", "ttl_seconds": 0}
+    )
     assert (status, answer["error"]["code"]) == (404, "snapshot-not-found")
     assert "older than" in answer["error"]["message"]
     wait_until(lambda: not image_exists(docker_client, image_id), message="expired image removed")

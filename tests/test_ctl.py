@@ -18,7 +18,10 @@ def ctl(agent_or_socket, *args: str) -> subprocess.CompletedProcess[str]:
     socket_path = getattr(agent_or_socket, "socket_path", agent_or_socket)
     return subprocess.run(
         [sys.executable, "-m", "snapagentd.ctl", "--socket", str(socket_path), *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
 

@@ -1,4 +1,4 @@
-"""Eviction against a real dockerd: what goes, what survives, and that nothing foreign is touched."""
+"""Eviction against a real dockerd: what goes, what survives, and that nothing foreign goes."""
 
 from __future__ import annotations
 

@@ -57,7 +57,9 @@ def test_torn_journal_tail_is_cut_and_the_rest_kept(agent, docker_client):
 def test_corrupt_journal_line_in_the_middle_stops_the_start(make_agent):
     agent = make_agent(start=False)
     agent.journal_path.parent.mkdir(parents=True)
-    agent.journal_path.write_bytes(b"garbage\n" + b'{"op":"gone","image":"x","image_id":"y","v":1}\n')
+    agent.journal_path.write_bytes(
+        b"garbage\n" + b'{"op":"gone","image":"x","image_id":"y","v":1}\n'
+    )
     process = agent.spawn()
     assert process.wait(timeout=30) == 1
     agent.process = None
@@ -94,16 +96,21 @@ def test_docker_down_at_start_then_up(make_agent, docker_engine, docker_client, 
     assert "docker unreachable" in status_line
     status = agent.status()
     assert status["docker"]["reachable"] is False and status["docker"]["error"]
-    code, answer = agent.call("POST", "/v1/snapshots",
-                              {"project": "p", "work_item": "w",
-                               "image": "cascade-snapshot-late:latest"})
+    code, answer = agent.call(
+        "POST",
+        "/v1/snapshots",
+        {"project": "p", "work_item": "w", "image": "cascade-snapshot-late:latest"},
+    )
     assert (code, answer["error"]["code"]) == (503, "docker-unavailable")
     code, answer = agent.call("POST", "/v1/evict", {})
     assert (code, answer["error"]["code"]) == (503, "docker-unavailable")
 
     os.symlink(docker_engine.socket_path, link)
-    wait_until(lambda: agent.status()["snapshots"]["count"] == 1, timeout=20,
-               message="agent reconciled once Docker answered")
+    wait_until(
+        lambda: agent.status()["snapshots"]["count"] == 1,
+        timeout=20,
+        message="agent reconciled once Docker answered",
+    )
     assert agent.status()["docker"]["reachable"] is True
     assert agent.status()["last_eviction"]["trigger"] == "docker-returned"
     agent.notify.wait_for(lambda line: line.startswith("STATUS=") and "docker ok" in line)
