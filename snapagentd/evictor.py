@@ -85,6 +85,9 @@ class Evictor:
             except DockerUnavailable as error:
                 report.error = f"Docker is not reachable: {error}"
                 raise DockerUnreachable(report.error) from None
+            except Exception as error:
+                report.error = str(error) or type(error).__name__
+                raise
             finally:
                 report.finished_at = utcnow()
                 if not dry_run:
