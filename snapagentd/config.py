@@ -108,6 +108,14 @@ def duration_seconds(value: Any) -> int:
     raise ValueError(f"invalid duration {value!r} (use 30s, 5m, 24h, 7d or integer seconds)")
 
 
+def positive_duration_seconds(value: Any) -> int:
+    """A duration of at least one second (a timer period)."""
+    seconds = duration_seconds(value)
+    if seconds == 0:
+        raise ValueError(f"invalid duration {value!r} (must be at least 1s)")
+    return seconds
+
+
 def size_bytes(value: Any) -> int:
     """Integer bytes, or a number with a unit: `500MB`, `10GiB`."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -176,7 +184,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "ttl": ("ttl_seconds", duration_seconds),
         "max_count": ("max_count", count),
         "max_size": ("max_size_bytes", size_bytes),
-        "interval": ("interval_seconds", duration_seconds),
+        "interval": ("interval_seconds", positive_duration_seconds),
         "min_age": ("min_age_seconds", duration_seconds),
     },
     "journal": {"path": ("path", absolute_path)},
@@ -216,9 +224,6 @@ def parse_settings(document: dict[str, Any]) -> Settings:
         sections[section] = values
     if problems:
         raise ConfigError(problems)
-    policy = sections.get("policy", {})
-    if policy.get("interval_seconds", 1) == 0:
-        raise ConfigError(["policy.interval: invalid duration '0s' (must be at least 1s)"])
     return Settings(**{name: _SECTION_TYPES[name](**values) for name, values in sections.items()})
 
 

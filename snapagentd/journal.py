@@ -115,9 +115,8 @@ class Journal:
         for number, line in enumerate(whole, start=1):
             is_last = number == len(whole) and not tail
             try:
-                record = decode(line, number, self.path)
-                self._state.apply(record)
-            except (ValueError, KeyError, TypeError) as error:
+                self._replay(line, number)
+            except ValueError as error:
                 if is_last:
                     log.warning("cutting off an invalid last line: %s", error)
                     break
@@ -127,9 +126,8 @@ class Journal:
         else:
             if tail:
                 try:
-                    record = decode(tail, len(whole) + 1, self.path)
-                    self._state.apply(record)
-                except (ValueError, KeyError, TypeError) as error:
+                    self._replay(tail, len(whole) + 1)
+                except ValueError as error:
                     log.warning("cutting off a torn last line: %s", error)
                 else:
                     # A whole record that lost only its newline: keep it and finish the line.
@@ -141,6 +139,15 @@ class Journal:
         os.fsync(self._fd)
         self._size = good_bytes
         log.info("replayed %d records from %s", self.records, self.path)
+
+    def _replay(self, line: bytes, number: int) -> None:
+        """Apply one line; any problem becomes a ValueError naming the file and line."""
+        record = decode(line, number, self.path)
+        try:
+            self._state.apply(record)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            problem = f"missing field {error}" if isinstance(error, KeyError) else error
+            raise ValueError(f"{self.path}:{number}: invalid record: {problem}") from None
 
     # --- appends --------------------------------------------------------------------------
 
@@ -233,25 +240,24 @@ class Journal:
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         temporary = self.path.with_name(self.path.name + ".compact")
         data = b"".join(encode(record) for record in records)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        # Opened for appending before the rename: the descriptor follows the new file, so a
+        # failure after the rename can never leave appends going to the replaced one.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(temporary, flags, 0o600)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            os.replace(temporary, self.path)
         except OSError:
             os.close(fd)
             temporary.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        os.replace(temporary, self.path)
-        _fsync_directory(self.path.parent)
-        flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        new_fd = os.open(self.path, flags)
         os.close(self._fd)
-        self._fd = new_fd
+        self._fd = fd
         self._size = len(data)
+        _fsync_directory(self.path.parent)
 
     # --- shutdown -------------------------------------------------------------------------
 

@@ -103,7 +103,7 @@ class RegistryState:
             snapshot = Snapshot.from_json(record["snapshot"])
             pending = PendingRemoval(snapshot, Reason(record["reason"]), parse_time(record["at"]))
             current = self.entries.get(snapshot.key)
-            if current is not None and current.image_id == snapshot.image_id:
+            if current is not None and current.ref == snapshot.ref:
                 self._delete(snapshot.key)
             # Another entry still holding this very tag and image keeps it: nothing to remove.
             if not self.holders(snapshot.ref):

@@ -160,8 +160,13 @@ def make_agent(docker_engine: DockerEngine) -> Iterator[Callable[..., Agent]]:
     sockets: list[NotifySocket] = []
     directories: list[Path] = []
 
-    def factory(start: bool = True, notify: Any = _NO_NOTIFY, docker_url: str | None = None,
-                directory: Path | None = None, **policy: Any) -> Agent:
+    def factory(
+        start: bool = True,
+        notify: Any = _NO_NOTIFY,
+        docker_url: str | None = None,
+        directory: Path | None = None,
+        **policy: Any,
+    ) -> Agent:
         if directory is None:
             directory = make_short_tmpdir("sa-a-")
             directories.append(directory)
