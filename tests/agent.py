@@ -92,26 +92,41 @@ class Agent:
         }
         write_config(self.config_path, sections)
 
-    def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, env: dict[str, str] | None = None, listen_fd: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start the process; `listen_fd` hands it a listening socket as systemd would."""
         inherited = ("NOTIFY_", "WATCHDOG_", "LISTEN_")
         environment = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
         environment["PYTHONPATH"] = str(REPO)
         if self.notify is not None:
             environment["NOTIFY_SOCKET"] = self.notify.path
         environment.update(env or {})
+        command = [sys.executable, "-m", "snapagentd", "--config", str(self.config_path)]
+        if listen_fd is not None:
+            # systemd's protocol: the socket as fd 3, LISTEN_FDS=1, LISTEN_PID = the daemon's pid
+            # (exec keeps the pid).
+            handover = (
+                f"import os, sys; os.dup2({listen_fd}, 3); os.environ['LISTEN_FDS'] = '1'; "
+                "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[1], sys.argv[1:])"
+            )
+            command = [sys.executable, "-c", handover, *command]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "snapagentd", "--config", str(self.config_path)],
+                command,
                 stdout=log,
                 stderr=log,
                 env=environment,
                 cwd=self.directory,
+                pass_fds=() if listen_fd is None else (listen_fd,),
             )
         return self.process
 
-    def start(self, env: dict[str, str] | None = None, timeout: float = 30.0) -> str:
+    def start(
+        self, env: dict[str, str] | None = None, timeout: float = 30.0, listen_fd: int | None = None
+    ) -> str:
         """Start and wait for READY=1; returns the STATUS= line sent with it."""
-        self.spawn(env)
+        self.spawn(env, listen_fd)
         seen = len(self.notify.messages)
         try:
             self.notify.wait_for("READY=1", timeout=timeout)

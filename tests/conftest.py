@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
-Section 1 (this one) is the real-Docker test infrastructure, built on tests/engine.py.
-Further fixtures go in the sections below it.
+Section 1 is the real-Docker test infrastructure (tests/engine.py); section 2 runs real
+agent processes (tests/agent.py).
 """
 
 from __future__ import annotations
@@ -14,26 +14,15 @@ from typing import Any
 import docker
 import pytest
 
-if __package__:  # tests/ is a package (tests/__init__.py): conftest is tests.conftest
-    from .agent import Agent
-    from .engine import (
-        DockerEngine,
-        NotifySocket,
-        make_image,
-        make_short_tmpdir,
-        remove_test_artifacts,
-        require_dockerd,
-    )
-else:  # rootdir-less layout: pytest put tests/ itself on sys.path
-    from agent import Agent  # type: ignore[no-redef]
-    from engine import (  # type: ignore[no-redef]
-        DockerEngine,
-        NotifySocket,
-        make_image,
-        make_short_tmpdir,
-        remove_test_artifacts,
-        require_dockerd,
-    )
+from .agent import Agent
+from .engine import (
+    DockerEngine,
+    NotifySocket,
+    make_image,
+    make_short_tmpdir,
+    remove_test_artifacts,
+    require_dockerd,
+)
 
 # ======================================================================================
 # 1. Private Docker engine, images, sd_notify socket
@@ -144,7 +133,7 @@ def notify_socket(short_tmp_path: Path) -> Iterator[NotifySocket]:
 
 
 # ======================================================================================
-# 2. Further fixtures
+# 2. Real snapagentd processes
 # ======================================================================================
 
 

@@ -1,7 +1,9 @@
 """Hand-written fakes for faults a real engine cannot produce on demand.
 
 `FaultyDockerProxy` forwards every request to a real dockerd over its Unix socket, except image
-deletions while `fail_removals` is set, which it answers with a 500 as a broken engine would.
+deletions while `fail_removals` is set, which it answers with a 500 as a broken engine would,
+and image inspections while `slow_inspect` is set, which it holds for that many seconds (a slow
+engine).
 `SentryReceiver` is a loopback HTTP server that accepts Sentry's envelopes and keeps them.
 """
 
@@ -54,6 +56,8 @@ class FaultyDockerProxy(_LoopThread):
         self.docker_socket = docker_socket
         self.fail_removals = False
         self.failed_removals = 0
+        self.slow_inspect = 0.0
+        self.held_inspections = 0
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self.run(self._serve(app, path=str(path)))
@@ -62,6 +66,9 @@ class FaultyDockerProxy(_LoopThread):
         if self.fail_removals and request.method == "DELETE" and "/images/" in request.path:
             self.failed_removals += 1
             return web.json_response({"message": "injected fault: driver failed"}, status=500)
+        if self.slow_inspect and request.method == "GET" and request.path.endswith("/json"):
+            self.held_inspections += 1
+            await asyncio.sleep(self.slow_inspect)  # the injected fault: a slow engine
         connector = aiohttp.UnixConnector(path=self.docker_socket)
         async with (
             aiohttp.ClientSession(connector=connector) as session,
