@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import docker.errors
 from aiohttp import web
 
 from . import __version__, telemetry
 from .config import Settings
+from .docker_ops import DockerUnavailable
 from .errors import (
     BodyTooLarge,
+    DockerFailed,
+    DockerUnreachable,
     Fault,
     ImageNotManaged,
     InternalError,
@@ -103,7 +107,7 @@ def optional_count(data: dict[str, Any], field: str) -> int | None:
     return value
 
 
-def image_field(data: dict[str, Any], services: Services) -> str:
+def image_field(data: dict[str, Any]) -> str:
     value = data.get("image")
     if not isinstance(value, str) or not value:
         raise InvalidField("field 'image' is required and must be a non-empty string")
@@ -113,11 +117,7 @@ def image_field(data: dict[str, Any], services: Services) -> str:
         )
     if len(value) > 255 or not _REFERENCE.fullmatch(value):
         raise InvalidField(f"field 'image' is not a valid Docker reference: {value!r}")
-    reference = normalise_reference(value)
-    if not services.settings.docker.is_managed(reference):
-        prefixes = ", ".join(services.settings.docker.image_prefixes)
-        raise ImageNotManaged(f"image {value!r} is outside the managed prefixes ({prefixes})")
-    return reference
+    return normalise_reference(value)  # the registry decides whether it is managed
 
 
 def query_name(request: web.Request, field: str) -> str:
@@ -131,7 +131,7 @@ async def register(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     data = await read_object(request, {"project", "work_item", "image", "size_bytes"})
     project, work_item = name_field(data, "project"), name_field(data, "work_item")
-    image = image_field(data, services)
+    image = image_field(data)
     size = optional_count(data, "size_bytes")
     registration = await services.registry.register(project, work_item, image, size)
     services.evictor.remove_soon(registration.retired)
@@ -226,6 +226,10 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return await handler(request)
     except Fault as fault:
         return error_response(fault)
+    except DockerUnavailable as error:
+        return error_response(DockerUnreachable(f"Docker is not reachable: {error}"))
+    except docker.errors.APIError as error:
+        return error_response(DockerFailed(f"Docker answered with an error: {error}"))
     except web.HTTPNotFound:
         return error_response(RouteNotFound(f"no route for {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed as error:

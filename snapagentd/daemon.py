@@ -64,7 +64,7 @@ def build_app(settings: Settings, notifier: Notifier) -> web.Application:
         except Exception as error:
             await journal.close()
             raise StartupError(str(error)) from None
-        docker = DockerGateway(settings.docker.url, settings.docker.is_managed)
+        docker = DockerGateway(settings.docker)
         registry = Registry(state, journal, docker)
         evictor = Evictor(registry, docker, settings.policy)
         services = Services(settings, registry, evictor)

@@ -20,6 +20,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from .config import DockerSettings
 from .models import RemovalResult, Snapshot
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ class ImageInfo:
 class DockerGateway:
     """One engine connection plus what the agent last learnt about its health."""
 
-    def __init__(self, url: str, is_managed: Callable[[str], bool]) -> None:
-        self.url = url
-        self.is_managed = is_managed
+    def __init__(self, settings: DockerSettings) -> None:
+        self.url = settings.url
+        self.prefixes = settings.image_prefixes
+        self.is_managed = settings.is_managed
         self.reachable = False
         self.error: str | None = "not contacted yet"
         self._client: docker.APIClient | None = None

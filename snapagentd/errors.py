@@ -52,6 +52,10 @@ class DockerUnreachable(Fault):
     code, status = "docker-unavailable", 503
 
 
+class DockerFailed(Fault):
+    code, status = "docker-error", 502
+
+
 class JournalFailed(Fault):
     code, status = "journal-unavailable", 503
 

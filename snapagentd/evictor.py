@@ -100,7 +100,7 @@ class Evictor:
     async def _run(self, dry_run: bool) -> list[Outcome]:
         images = await self.docker.list_images()
         in_use = await self.docker.in_use_image_ids()
-        await self.registry.reconcile(images, self.docker.is_managed)
+        await self.registry.reconcile(images)
         victims = plan_eviction(self.registry.state.entries.values(), in_use, utcnow(), self.policy)
         if dry_run:
             planned = [PendingRemoval(v.snapshot, v.reason, utcnow()) for v in victims]

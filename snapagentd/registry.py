@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,7 +73,10 @@ class Registry:
     ) -> Registration:
         """Record `image` as the snapshot of (project, work item), superseding what it replaces."""
         if not self.docker.is_managed(image):
-            raise ImageNotManaged(f"image {image!r} is outside the managed image prefixes")
+            raise ImageNotManaged(
+                f"image {image!r} is outside the managed image prefixes "
+                f"({', '.join(self.docker.prefixes)})"
+            )
         info = await self._inspect(image)
         if info is None:
             raise ImageNotFound(f"image {image!r} does not exist in Docker")
@@ -147,14 +150,15 @@ class Registry:
                 [gone_record(p.snapshot.image, p.snapshot.image_id) for p in removals]
             )
 
-    async def reconcile(self, images: list[ImageInfo], is_managed: Callable[[str], bool]) -> None:
+    async def reconcile(self, images: list[ImageInfo]) -> None:
         """Bring the registry in line with the images Docker has now.
 
         Entries whose image is gone are dropped, entries whose tag moved to another image are
         retired, and managed tags nobody registered become `discovered` entries.
         """
         image_ids = {image.id for image in images}
-        tag_to_image = {tag: image for image in images for tag in image.tags if is_managed(tag)}
+        managed = self.docker.is_managed
+        tag_to_image = {tag: image for image in images for tag in image.tags if managed(tag)}
         now = utcnow()
         records: list[dict[str, Any]] = []
         for snapshot in list(self.state.entries.values()):
