@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,28 +19,7 @@ from snapagentd.state import (
     touch_record,
 )
 
-NOW = datetime(2024, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
-
-
-def snap(
-    work_item: str,
-    image: str | None = None,
-    image_id: str | None = None,
-    project: str = "proj",
-    source: Source = Source.REGISTERED,
-    size: int | None = 100,
-    used: datetime | None = None,
-) -> Snapshot:
-    return Snapshot(
-        project=project,
-        work_item=work_item,
-        image=image or f"cascade-snapshot-{work_item}:latest",
-        image_id=image_id or f"sha256:{work_item}",
-        size_bytes=size,
-        created_at=NOW - timedelta(hours=1),
-        last_used_at=used,
-        source=source,
-    )
+from .builders import NOW, snap
 
 
 def discovered(image: str, image_id: str) -> Snapshot:
