@@ -1,7 +1,8 @@
 """Wiring and lifecycle: start-up in order, READY only when serving, clean stop on SIGTERM.
 
-Each resource is an aiohttp cleanup context (journal, Docker, services, background tasks), so a
-resource is released if and only if it was set up, in reverse order.
+Two aiohttp cleanup contexts hold the resources: the services (journal, Docker client, registry,
+evictor) and the background tasks (timer, Docker watch, watchdog). Each is released if and only
+if it was set up, in reverse order.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import aiohttp
 from aiohttp import web
 
 from . import telemetry
-from .api import SERVICES, Services, create_app
+from .api import SERVICES, Services, create_app, status_document
 from .config import ConfigError, Settings, load_settings
 from .docker_ops import DockerGateway
 from .evictor import Evictor
 from .journal import Journal
 from .notify import Notifier
-from .policy import total_size_bytes
 from .registry import Registry
 from .state import RegistryState
 
@@ -44,12 +44,14 @@ class StartupError(Exception):
 
 def status_line(services: Services) -> str:
     """The one-line STATUS= for systemctl status: entries, bytes, Docker's state."""
-    entries = services.registry.state.entries.values()
-    docker = services.registry.docker
-    gib = total_size_bytes(entries) / 1024**3
-    state = "docker ok" if docker.reachable else f"docker unreachable ({docker.error})"
-    pending = len(services.registry.state.pending)
-    return f"{len(entries)} snapshots, {gib:.2f} GiB, {pending} pending removal; {state}"[:200]
+    status = status_document(services)
+    snapshots, docker = status["snapshots"], status["docker"]
+    gib = snapshots["total_size_bytes"] / 1024**3
+    state = "docker ok" if docker["reachable"] else f"docker unreachable ({docker['error']})"
+    return (
+        f"{snapshots['count']} snapshots, {gib:.2f} GiB, "
+        f"{snapshots['pending_removal']} pending removal; {state}"
+    )[:200]
 
 
 def build_app(settings: Settings, notifier: Notifier) -> web.Application:
@@ -164,15 +166,18 @@ def bind_unix_socket(path: Path, mode: int, group: str) -> socket.socket:
 # --- main loop ------------------------------------------------------------------------------
 
 
+# aiohttp >= 3.9 takes shutdown_timeout on the runner; 3.8 (Debian 12) on the site.
+_TIMEOUT_ON_RUNNER = tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >= (3, 9)
+
+
 def _runner(app: web.Application) -> web.AppRunner:
-    # aiohttp >= 3.9 takes shutdown_timeout on the runner; 3.8 (Debian 12) on the site.
-    if tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >= (3, 9):
+    if _TIMEOUT_ON_RUNNER:
         return web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS, access_log=None)
     return web.AppRunner(app, access_log=None)
 
 
 def _site(runner: web.AppRunner, sock: socket.socket) -> web.SockSite:
-    if tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >= (3, 9):
+    if _TIMEOUT_ON_RUNNER:
         return web.SockSite(runner, sock)
     return web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
 

@@ -43,7 +43,16 @@ class JournalState(Protocol):
 
 
 def encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    """One line, stamped with the record version unless the record names one itself."""
+    stamped = {"v": RECORD_VERSION, **record}
+    return json.dumps(stamped, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (it may write fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def decode(line: bytes, number: int, path: Path) -> dict[str, Any]:
@@ -157,8 +166,6 @@ class Journal:
         Returns once they are fsynced and applied; raises JournalUnavailable (nothing applied)
         when the write fails. Concurrent callers share one write and one fsync.
         """
-        for record in records:
-            record["v"] = RECORD_VERSION
         data = b"".join(encode(record) for record in records)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(data, records, done))
@@ -193,10 +200,7 @@ class Journal:
     def _write_durably(self, data: bytes) -> None:
         """Write and fsync; on failure cut the file back so no partial record remains."""
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError:
             try:
@@ -208,8 +212,12 @@ class Journal:
 
     # --- compaction -----------------------------------------------------------------------
 
+    def _grown(self) -> bool:
+        """The file holds far more records than the live state needs."""
+        return self.records > 2 * len(self._state) + COMPACT_SLACK
+
     def _maybe_compact(self) -> None:
-        if self.records <= 2 * len(self._state) + COMPACT_SLACK:
+        if not self._grown():
             return
         if self._compaction is None or self._compaction.done():
             self._compaction = asyncio.ensure_future(self.compact())
@@ -218,8 +226,6 @@ class Journal:
         """Rewrite the journal as the live state; appends wait meanwhile."""
         async with self._io_lock:
             records = self._state.to_records()
-            for record in records:
-                record["v"] = RECORD_VERSION
             try:
                 await asyncio.to_thread(self._rewrite, records)
             except OSError as error:
@@ -230,10 +236,8 @@ class Journal:
 
     def compact_now(self) -> None:
         """Start-up variant: rewrite synchronously when the file has grown."""
-        if self.records > 2 * len(self._state) + COMPACT_SLACK:
+        if self._grown():
             records = self._state.to_records()
-            for record in records:
-                record["v"] = RECORD_VERSION
             self._rewrite(records)
             self.records = len(records)
 
@@ -245,9 +249,7 @@ class Journal:
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(temporary, flags, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
             os.replace(temporary, self.path)
         except OSError:

@@ -4,7 +4,7 @@ The state is exactly the fold of its journal: start-up replay and live changes b
 `apply`, so what is in memory can always be rebuilt from disk. Each record names the image
 (tag and id) it is about, so that applying a stale record never clobbers a newer one.
 
-Records (every one also carries "v"):
+Records (journal.encode stamps each with its version "v"):
   put     {"snapshot"}                 an entry is registered, discovered or replaced
   touch   {"project","work_item","image_id","at"}   a lookup used the entry
   retire  {"snapshot","reason","at"}   the entry leaves; its image is pending removal
