@@ -206,7 +206,8 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
         loop.add_signal_handler(
             signal.SIGHUP, lambda: reload_policy(services, reload_settings, notifier)
         )
-        log.info("listening on %s", settings.api.socket)
+        origin = "bound here" if bound_here else "from systemd"
+        log.info("listening on %s (%s)", sock.getsockname(), origin)
         notifier.ready(status_line(services))
         await stop.wait()
         log.info("stopping: finishing in-flight requests")

@@ -24,6 +24,17 @@ from .engine import (
     require_dockerd,
 )
 
+DOCKER_FIXTURES = {"docker_engine", "fresh_docker_engine"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a real dockerd, so builds without one (the Debian
+    package's dh_auto_test) can run the rest with ``-m "not needs_docker"``."""
+    for item in items:
+        if DOCKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_docker)
+
+
 # ======================================================================================
 # 1. Private Docker engine, images, sd_notify socket
 # ======================================================================================
