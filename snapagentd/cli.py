@@ -11,7 +11,7 @@ from . import __version__
 from .config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapagentd",
         description="Host agent that owns Docker snapshot images and evicts them by policy.",
@@ -31,7 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     parser.add_argument("--version", action="version", version=f"snapagentd {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def setup_logging(level: str) -> None:
