@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Run the whole test suite twice, against real (private) Docker engines:
-#   1. .venv (base python3 + the newest PyPI versions of every dependency);
-#   2. Debian 12's /usr/bin/python3 with Debian's packages (aiohttp 3.8, docker 5.0.3,
-#      sentry-sdk 1.9, sdnotify 0.3), the versions the agent must keep working with.
-# plus `ruff check snapagentd tests`. Installs what it needs (Debian's docker.io and
-# python3-* packages, the venv). Must run as root: the tests start a private dockerd.
-# Extra arguments go to both pytest runs, e.g. scripts/test.sh -x -k evict
+# Run the whole test suite, against real (private) Docker engines:
+#   1. ruff;
+#   2. the unit and integration tests on .venv (base python3 + the newest PyPI versions);
+#   3. the same tests on Debian 12's /usr/bin/python3 with Debian's packages (aiohttp 3.8,
+#      docker 5.0.3, sentry-sdk 1.9, sdnotify 0.3), the versions the .deb runs on;
+#   4. the Debian package: scripts/build-deb.sh (dpkg-buildpackage, then lintian);
+#   5. the end-to-end test (tests/e2e): that .deb installed with apt under a real systemd
+#      booted in a container of a private dockerd.
+# Installs what it needs (Debian's docker.io, debootstrap and python3-* packages, the venv,
+# the Build-Depends). Must run as root: the tests start a private dockerd.
+# Extra arguments go to the pytest runs of steps 2 and 3, e.g. scripts/test.sh -x -k evict;
+# SNAPAGENTD_SKIP_PACKAGE=1 skips steps 4 and 5 (never set in CI).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +23,7 @@ DEBIAN_PYTHON_PACKAGES=(
 	python3-aiohttp python3-docker python3-sdnotify python3-sentry-sdk
 	python3-pytest python3-pytest-aiohttp python3-tomli
 )
-ensure_apt_packages docker.io "${DEBIAN_PYTHON_PACKAGES[@]}"
+ensure_apt_packages docker.io debootstrap dpkg-dev "${DEBIAN_PYTHON_PACKAGES[@]}"
 ensure_venv .venv
 
 command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] ||
@@ -60,16 +65,29 @@ run_step "ruff check snapagentd tests" .venv/bin/ruff check snapagentd tests
 log "pass 1/2 versions (newest from PyPI):"
 .venv/bin/python -c "$VERSIONS_PY"
 run_step "pytest pass 1/2: .venv, newest PyPI versions" \
-	.venv/bin/python -m pytest tests "$@"
+	.venv/bin/python -m pytest tests --ignore=tests/e2e "$@"
 
 log "pass 2/2 versions (Debian 12 packages):"
 PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -c "$VERSIONS_PY"
 run_step "pytest pass 2/2: /usr/bin/python3, Debian 12 versions" \
-	env PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -m pytest tests -p no:cacheprovider "$@"
+	env PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -m pytest tests --ignore=tests/e2e -p no:cacheprovider "$@"
+
+if [ "${SNAPAGENTD_SKIP_PACKAGE:-0}" = 1 ]; then
+	log "SNAPAGENTD_SKIP_PACKAGE=1: not building the .deb, not running tests/e2e"
+else
+	deb="dist/snapagentd_$(dpkg-parsechangelog -S Version)_all.deb"
+	rm -f "$deb" # never test a stale package
+	run_step "build the Debian package and run lintian" ./scripts/build-deb.sh
+	if [ -f "$deb" ]; then
+		run_step "end-to-end: $deb under a real systemd" \
+			env SNAPAGENTD_DEB="$REPO_ROOT/$deb" .venv/bin/python -m pytest tests/e2e \
+			-rA --durations=0
+	fi
+fi
 
 if [ "${#failed[@]}" -gt 0 ]; then
 	log "FAILED steps:"
 	printf '    %s\n' "${failed[@]}" >&2
 	exit 1
 fi
-log "all steps passed: ruff, pytest on the newest PyPI versions, pytest on Debian 12's versions"
+log "all steps passed"
