@@ -34,6 +34,8 @@ class ApiSettings:
     socket: Path = Path("/run/snapagentd/snapagentd.sock")
     socket_mode: int = 0o660
     socket_group: str = ""
+    # Besides root and the daemon's own user, only members of these groups are served.
+    allowed_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,16 @@ def absolute_path(value: Any) -> Path:
     raise ValueError(f"invalid path {value!r} (expected an absolute path)")
 
 
+def group_names(value: Any) -> tuple[str, ...]:
+    """A list of Unix group names (whether they exist is checked when the daemon starts)."""
+    if not isinstance(value, list):
+        raise ValueError(f"invalid value {value!r} (expected a list of group names)")
+    for name in value:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", name):
+            raise ValueError(f"invalid group name {name!r}")
+    return tuple(value)
+
+
 def docker_url(value: Any) -> str:
     if isinstance(value, str) and re.match(r"(unix|tcp|http|https)://.+", value):
         return value
@@ -175,6 +187,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "socket": ("socket", absolute_path),
         "socket_mode": ("socket_mode", octal_mode),
         "socket_group": ("socket_group", text),
+        "allowed_groups": ("allowed_groups", group_names),
     },
     "docker": {
         "url": ("url", docker_url),

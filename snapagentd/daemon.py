@@ -22,12 +22,14 @@ import aiohttp
 from aiohttp import web
 
 from . import telemetry
+from .access import group_ids, peer_check
 from .api import SERVICES, Services, create_app, status_document
 from .config import ConfigError, Settings, load_settings
 from .docker_ops import DockerGateway
 from .evictor import Evictor
 from .journal import Journal
 from .notify import Notifier
+from .paths import UntrustedDirectory, check_trusted_directory
 from .registry import Registry
 from .state import RegistryState
 
@@ -55,7 +57,12 @@ def status_line(services: Services) -> str:
 
 
 def build_app(settings: Settings, notifier: Notifier) -> web.Application:
+    try:
+        allowed_gids = group_ids(settings.api.allowed_groups)
+    except KeyError as error:
+        raise StartupError(f"api.allowed_groups: no such group {error.args[0]!r}") from None
     app = create_app()
+    app.middlewares.append(peer_check(allowed_gids))  # inside errors_as_json: 403 is JSON
 
     async def services_context(app: web.Application) -> AsyncIterator[None]:
         state = RegistryState()
@@ -131,6 +138,10 @@ def socket_from_systemd() -> socket.socket | None:
 def bind_unix_socket(path: Path, mode: int, group: str) -> socket.socket:
     """Bind the API socket with its mode and group, refusing to steal a live one."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        check_trusted_directory(path.parent)
+    except UntrustedDirectory as error:
+        raise StartupError(f"api.socket: {error}; refusing to put the socket there") from None
     if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.lstat().st_mode)):
         raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
     if path.exists():

@@ -62,3 +62,7 @@ class JournalFailed(Fault):
 
 class InternalError(Fault):
     code, status = "internal-error", 500
+
+
+class AccessDenied(Fault):
+    code, status = "access-denied", 403

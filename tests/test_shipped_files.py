@@ -37,11 +37,12 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     raise AssertionError("the parser has no subcommands")
 
 
-def test_shipped_config_is_the_defaults_with_the_package_socket_group() -> None:
+def test_shipped_config_is_the_defaults_with_the_package_group() -> None:
     """The conffile must not change behaviour behind the operator's back: it states the
     built-in defaults, except the group the package creates for socket clients."""
     default = config.Settings()
-    expected = replace(default, api=replace(default.api, socket_group="snapagent"))
+    api = replace(default.api, socket_group="snapagent", allowed_groups=("snapagent",))
+    expected = replace(default, api=api)
     assert config.load_settings(CONFIG) == expected
 
 
