@@ -17,6 +17,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,7 @@ from . import telemetry
 from .access import group_ids, peer_check
 from .api import SERVICES, Services, create_app, status_document
 from .config import ConfigError, Settings, load_settings
+from .connections import ConnectionGuard
 from .docker_ops import DockerGateway
 from .evictor import Evictor
 from .journal import Journal
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 DOCKER_RETRY_SECONDS = 5  # while the engine is unreachable
 DOCKER_HEALTH_SECONDS = 30  # while it answers
 SHUTDOWN_TIMEOUT_SECONDS = 30  # in-flight requests get this long to finish on SIGTERM
+MAX_CONNECTIONS = 256  # open API connections; more get 503 too-many-connections
+FIRST_REQUEST_SECONDS = 10  # a new connection must have sent a request's headers by then
+KEEPALIVE_SECONDS = 30  # an idle keep-alive connection is closed after this long
 
 
 class StartupError(Exception):
@@ -56,12 +61,16 @@ def status_line(services: Services) -> str:
     )[:200]
 
 
-def build_app(settings: Settings, notifier: Notifier) -> web.Application:
+def build_app(
+    settings: Settings, notifier: Notifier, guard: ConnectionGuard | None = None
+) -> web.Application:
     try:
         allowed_gids = group_ids(settings.api.allowed_groups)
     except KeyError as error:
         raise StartupError(f"api.allowed_groups: no such group {error.args[0]!r}") from None
     app = create_app()
+    if guard is not None:
+        app.middlewares.insert(0, guard.middleware())  # first: every request disarms it
     app.middlewares.append(peer_check(allowed_gids))  # inside errors_as_json: 403 is JSON
 
     async def services_context(app: web.Application) -> AsyncIterator[None]:
@@ -182,15 +191,38 @@ _TIMEOUT_ON_RUNNER = tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >
 
 
 def _runner(app: web.Application) -> web.AppRunner:
+    options: dict[str, Any] = {"access_log": None, "keepalive_timeout": KEEPALIVE_SECONDS}
     if _TIMEOUT_ON_RUNNER:
-        return web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS, access_log=None)
-    return web.AppRunner(app, access_log=None)
+        options["shutdown_timeout"] = SHUTDOWN_TIMEOUT_SECONDS
+    return web.AppRunner(app, **options)
 
 
-def _site(runner: web.AppRunner, sock: socket.socket) -> web.SockSite:
+class GuardedSockSite(web.SockSite):
+    """A SockSite whose connections pass through a ConnectionGuard.
+
+    It replaces SockSite.start, which is three lines; it relies on SockSite's attributes
+    _runner, _sock, _backlog and _server, the same in aiohttp 3.8 to 3.14 (tested on both).
+    """
+
+    def __init__(
+        self, runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard, **options: Any
+    ) -> None:
+        super().__init__(runner, sock, **options)
+        self.guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard.wrap(server), sock=self._sock, backlog=self._backlog
+        )
+
+
+def _site(runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard) -> web.SockSite:
     if _TIMEOUT_ON_RUNNER:
-        return web.SockSite(runner, sock)
-    return web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
+        return GuardedSockSite(runner, sock, guard)
+    return GuardedSockSite(runner, sock, guard, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
 
 
 async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> None:
@@ -204,11 +236,12 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
     if sock is None:
         api = settings.api
         sock = bind_unix_socket(api.socket, api.socket_mode, api.socket_group)
-    app = build_app(settings, notifier)
+    guard = ConnectionGuard(MAX_CONNECTIONS, FIRST_REQUEST_SECONDS)
+    app = build_app(settings, notifier, guard)
     runner = _runner(app)
     try:
         await runner.setup()  # journal replay, Docker reconcile, first eviction
-        await _site(runner, sock).start()
+        await _site(runner, sock, guard).start()
         services: Services = app[SERVICES]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
