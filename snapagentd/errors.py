@@ -66,3 +66,9 @@ class InternalError(Fault):
 
 class AccessDenied(Fault):
     code, status = "access-denied", 403
+
+
+class TooManyConnections(Fault):
+    """Sent by connections.ConnectionGuard before the request is read, never raised."""
+
+    code, status = "too-many-connections", 503
