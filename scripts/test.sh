@@ -4,13 +4,14 @@
 #   2. the unit and integration tests on .venv (base python3 + the newest PyPI versions);
 #   3. the same tests on Debian 12's /usr/bin/python3 with Debian's packages (aiohttp 3.8,
 #      docker 5.0.3, sentry-sdk 1.9, sdnotify 0.3), the versions the .deb runs on;
-#   4. the Debian package: scripts/build-deb.sh (dpkg-buildpackage, then lintian);
-#   5. the end-to-end test (tests/e2e): that .deb installed with apt under a real systemd
+#   4. the TypeScript client's tests and the router example end to end (test-clients.sh);
+#   5. the Debian package: scripts/build-deb.sh (dpkg-buildpackage, then lintian);
+#   6. the end-to-end test (tests/e2e): that .deb installed with apt under a real systemd
 #      booted in a container of a private dockerd.
 # Installs what it needs (Debian's docker.io, debootstrap and python3-* packages, the venv,
 # the Build-Depends). Must run as root: the tests start a private dockerd.
 # Extra arguments go to the pytest runs of steps 2 and 3, e.g. scripts/test.sh -x -k evict;
-# SNAPAGENTD_SKIP_PACKAGE=1 skips steps 4 and 5 (never set in CI).
+# SNAPAGENTD_SKIP_PACKAGE=1 skips steps 5 and 6 (never set in CI).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -71,6 +72,8 @@ log "pass 2/2 versions (Debian 12 packages):"
 PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -c "$VERSIONS_PY"
 run_step "pytest pass 2/2: /usr/bin/python3, Debian 12 versions" \
 	env PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -m pytest tests --ignore=tests/e2e -p no:cacheprovider "$@"
+
+run_step "TypeScript client and router example (scripts/test-clients.sh)" ./scripts/test-clients.sh
 
 if [ "${SNAPAGENTD_SKIP_PACKAGE:-0}" = 1 ]; then
 	log "SNAPAGENTD_SKIP_PACKAGE=1: not building the .deb, not running tests/e2e"

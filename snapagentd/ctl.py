@@ -1,21 +1,24 @@
 """snapagentctl: command-line client of snapagentd over its Unix-socket HTTP+JSON API.
 
-Standard library only, so it starts fast. The formatting functions are pure (no I/O, `now`
-passed in) so they can be unit-tested; `main` does the parsing, the request and the exit codes.
+Standard library only, so it starts fast: the requests go through the blocking client of
+snapagentd.client (which also retries while the agent restarts), and the output is rendered
+from the agent's JSON answer as sent, which `--json` prints unchanged. The formatting
+functions are pure (no I/O, `now` passed in) so they can be unit-tested; `main` does the
+parsing, the request and the exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import socket
 import sys
 import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
+
+from .client import AgentUnreachable, Client, ProtocolError, SnapagentdError
 
 DEFAULT_SOCKET = "/run/snapagentd/snapagentd.sock"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -249,24 +252,6 @@ def format_error(status: int, reason: str, body: bytes) -> str:
 # --- I/O -------------------------------------------------------------------------------------
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix domain socket."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def build_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
     """(method, path, JSON body or None) for the parsed command line."""
     c = args.command
@@ -343,39 +328,28 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help is 0, usage errors are 2
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     method, path, payload = build_request(args)
-    headers = {"Accept": "application/json"}
-    data = None
-    if payload is not None:
-        data = json.dumps(payload).encode()
-        headers["Content-Type"] = "application/json"
-    connection = UnixHTTPConnection(args.socket, args.timeout)
+    client = Client(args.socket, timeout=args.timeout)
     try:
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        raw = response.read()
-    except OSError as error:  # missing socket, refused, timeout, reset before an answer
-        reason = error.strerror or str(error) or type(error).__name__
-        print(f"snapagentctl: cannot reach snapagentd at {args.socket}: {reason}", file=sys.stderr)
+        body = client.request(method, path, json_body=payload)
+    except AgentUnreachable as error:  # missing socket, refused, timeout, reset before an answer
+        print(f"snapagentctl: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except http.client.HTTPException as error:
-        print(f"snapagentctl: malformed HTTP answer from snapagentd: {error!r}", file=sys.stderr)
+    except SnapagentdError as error:
+        print(f"snapagentctl: {clean(error.code)}: {clean(error.message)}", file=sys.stderr)
         return EXIT_ERROR
-    finally:
-        connection.close()
-    if not 200 <= response.status < 300:
-        print(format_error(response.status, response.reason, raw), file=sys.stderr)
+    except ProtocolError as error:
+        if error.status is not None and not 200 <= error.status < 300:
+            print(format_error(error.status, error.reason, error.body), file=sys.stderr)
+        else:  # malformed HTTP, or a 2xx answer that is not a JSON object
+            print(f"snapagentctl: {clean(str(error))}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        body = json.loads(raw)
-        if not isinstance(body, dict):
-            raise MalformedAnswer(f"expected a JSON object, got {type(body).__name__}")
         if args.json:
             output = json.dumps(body, indent=2, ensure_ascii=False)
         else:
             output = render(args.command, body, datetime.now(UTC))
     except (ValueError, MalformedAnswer) as error:
-        problem = f"not JSON ({error})" if isinstance(error, json.JSONDecodeError) else error
-        print(f"snapagentctl: malformed answer from snapagentd: {problem}", file=sys.stderr)
+        print(f"snapagentctl: malformed answer from snapagentd: {error}", file=sys.stderr)
         return EXIT_ERROR
     print(output)
     return EXIT_OK

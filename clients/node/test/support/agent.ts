@@ -1,0 +1,92 @@
+// A real snapagentd process for a test, as tests/agent.py makes them for the Python suite: its
+// own config, journal and socket in a new directory under /tmp, `python -m snapagentd`.
+import { type ChildProcess, spawn } from "node:child_process";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+
+import { SnapagentdClient } from "../../src/index.js";
+import { REPO, agentPython, dockerHost } from "./paths.js";
+
+/** The policy tests/agent.py gives its agents; contracts/README.md names it as the base. */
+export const BASE_POLICY = { ttl: "24h", max_count: 100, max_size: "10GiB" };
+
+export interface AgentOptions {
+  policy?: Record<string, string | number>;
+  /** Default: the harness's engine. */
+  dockerUrl?: string;
+}
+
+export class Agent {
+  private constructor(
+    readonly directory: string,
+    readonly socketPath: string,
+    private readonly process: ChildProcess,
+    private readonly exited: Promise<number | null>,
+  ) {}
+
+  static async start(options: AgentOptions = {}): Promise<Agent> {
+    const directory = mkdtempSync("/tmp/sanode-a-");
+    const sections: Record<string, Record<string, unknown>> = {
+      api: { socket: join(directory, "agent.sock"), socket_mode: "0600" },
+      docker: { url: options.dockerUrl ?? dockerHost() },
+      policy: { ...BASE_POLICY, ...options.policy },
+      journal: { path: join(directory, "state", "journal.jsonl") },
+    };
+    const toml = Object.entries(sections)
+      .map(([name, values]) => [`[${name}]`, ...Object.entries(values).map(([k, v]) => `${k} = ${JSON.stringify(v)}`)].join("\n"))
+      .join("\n");
+    writeFileSync(join(directory, "snapagentd.toml"), `${toml}\n`);
+    const agent = Agent.spawnOn(directory);
+    await agent.waitUntilServing();
+    return agent;
+  }
+
+  /** A daemon process on `directory`'s configuration, logging to its agent.log. */
+  private static spawnOn(directory: string): Agent {
+    const log = openSync(join(directory, "agent.log"), "a");
+    const child = spawn(agentPython(), ["-m", "snapagentd", "--config", join(directory, "snapagentd.toml")], {
+      cwd: directory,
+      env: { ...process.env, PYTHONPATH: REPO, NOTIFY_SOCKET: "" },
+      stdio: ["ignore", log, log],
+    });
+    closeSync(log); // the child holds its own copy
+    const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+    return new Agent(directory, join(directory, "agent.sock"), child, exited);
+  }
+
+  /** Waits (30 s at most) until the agent answers its status, through the client's own retry. */
+  async waitUntilServing(): Promise<void> {
+    const client = new SnapagentdClient({
+      socketPath: this.socketPath,
+      retry: { attempts: 600, initialDelayMs: 50, maxDelayMs: 50 },
+    });
+    const died = this.exited.then((code) => {
+      throw new Error(`agent exited (${code}) while starting; log:\n${this.log()}`);
+    });
+    await Promise.race([client.status(), died]);
+  }
+
+  log(): string {
+    try {
+      return readFileSync(join(this.directory, "agent.log"), "utf8");
+    } catch {
+      return "";
+    }
+  }
+
+  /** SIGTERM, then wait for the exit; `keep` leaves the directory for a restart. */
+  async stop(keep = false): Promise<void> {
+    if (this.process.exitCode === null && this.process.signalCode === null) {
+      this.process.kill("SIGTERM");
+      await this.exited;
+    }
+    if (!keep) rmSync(this.directory, { recursive: true, force: true });
+  }
+
+  /** Stops this process and starts a new one on the same socket and journal, as systemd would
+   * restart it; does not wait for it to serve. */
+  async restart(): Promise<Agent> {
+    await this.stop(true);
+    return Agent.spawnOn(this.directory);
+  }
+}

@@ -1,0 +1,822 @@
+"""Python client of snapagentd: typed calls over the agent's Unix-socket HTTP/JSON API.
+
+Two flavours with the same methods and results: `Client` (blocking, standard library only, so
+`snapagentctl` stays fast to start) and `AsyncClient` (asyncio, over aiohttp, which is imported
+only when an `AsyncClient` is first used)::
+
+    from snapagentd.client import Client, snapshot_tag
+
+    agent = Client("/run/snapagentd/snapagentd.sock")
+    found = agent.lookup("Proj Snap", "MNG_652/Worker Snapshot!")  # None: a cache miss
+    image = found.image if found else "base-image:latest"
+    ...  # run the worker from `image`, commit it to snapshot_tag(project, work_item)
+    agent.register("Proj Snap", "MNG_652/Worker Snapshot!", snapshot_tag(...))
+
+The wire contract is docs/api.md; contracts/ holds the examples this module is tested on. An
+error answer raises the `SnapagentdError` subclass of its stable code (`ERRORS`), an agent
+that cannot be reached raises `AgentUnreachable`, and an answer that breaks the contract
+raises `ProtocolError`; all three are `ClientError`s. This module imports nothing of the
+server, so it can be copied into a router's code base as it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "DEFAULT_SOCKET",
+    "ERRORS",
+    "NO_RETRY",
+    "AccessDeniedError",
+    "AgentUnreachable",
+    "AsyncClient",
+    "BodyTooLargeError",
+    "Client",
+    "ClientError",
+    "Deletion",
+    "DockerError",
+    "DockerStatus",
+    "DockerUnavailableError",
+    "EvictedSnapshot",
+    "Eviction",
+    "ImageNotFoundError",
+    "ImageNotManagedError",
+    "InternalError",
+    "InvalidFieldError",
+    "InvalidJsonError",
+    "JournalStatus",
+    "JournalUnavailableError",
+    "LastEviction",
+    "MethodNotAllowedError",
+    "NotFoundError",
+    "Policy",
+    "ProtocolError",
+    "Registration",
+    "Retry",
+    "SnapagentdError",
+    "Snapshot",
+    "SnapshotCounts",
+    "SnapshotNotFoundError",
+    "Status",
+    "TooManyConnectionsError",
+    "snapshot_tag",
+    "to_json",
+]
+
+DEFAULT_SOCKET = "/run/snapagentd/snapagentd.sock"
+DEFAULT_TIMEOUT = 30.0  # seconds; an eviction waits for Docker, everything else is quick
+DEFAULT_PREFIX = "cascade-snapshot-"
+
+
+# --- the naming rule --------------------------------------------------------------------------
+
+
+def snapshot_tag(project: str, work_item: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The `repository:tag` a router commits a work item's snapshot to.
+
+    The rule the agent's routers share (contracts/snapshot-tags.json): lower-case
+    "<project>-<work item>", every run of characters other than a-z and 0-9 becomes one `-`,
+    leading and trailing `-` go, the prefix goes in front and `:latest` behind:
+    ("Proj Snap", "MNG_652/Worker Snapshot!")
+        -> "cascade-snapshot-proj-snap-mng-652-worker-snapshot:latest"
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{project}-{work_item}".lower()).strip("-")
+    return f"{prefix}{slug}:latest"
+
+
+# --- results ----------------------------------------------------------------------------------
+
+Source = Literal["registered", "discovered"]
+RemovalResult = Literal["removed", "in-use", "already-gone", "failed", "kept"]
+EvictionResult = Literal["removed", "in-use", "already-gone", "failed", "planned"]
+EvictionReason = Literal["ttl", "count", "size", "superseded", "invalidated", "repointed"]
+Trigger = Literal["start", "timer", "api", "docker-returned"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One snapshot entry (docs/api.md, "The snapshot entry"); times are aware UTC datetimes."""
+
+    project: str  # "" for a discovered entry
+    work_item: str  # the image reference for a discovered entry
+    image: str  # always repository:tag
+    image_id: str  # sha256:...
+    size_bytes: int | None
+    created_at: datetime  # Docker's Created: the commit time, which the TTL counts from
+    last_used_at: datetime | None  # the last successful lookup
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class EvictedSnapshot(Snapshot):
+    """An entry an eviction run chose, why, and what became of its image."""
+
+    reason: EvictionReason
+    result: EvictionResult
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The answer to `register`: the entry, and whether the key is new (201) or not (200)."""
+
+    snapshot: Snapshot
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """The answer to `delete`: the invalidated entry and the outcome of removing its image."""
+
+    snapshot: Snapshot
+    result: RemovalResult
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """The answer to `evict`. Do not rely on the order of `evicted`."""
+
+    dry_run: bool
+    evicted: list[EvictedSnapshot]
+
+
+@dataclass(frozen=True, slots=True)
+class DockerStatus:
+    reachable: bool
+    error: str | None
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotCounts:
+    count: int
+    total_size_bytes: int
+    pending_removal: int
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    ttl_seconds: int
+    max_count: int
+    max_size_bytes: int
+    interval_seconds: int
+    min_age_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class LastEviction:
+    started_at: datetime
+    finished_at: datetime
+    trigger: Trigger
+    removed: int
+    in_use: int
+    already_gone: int
+    failed: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStatus:
+    path: str
+    records: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    version: str
+    docker: DockerStatus
+    snapshots: SnapshotCounts
+    policy: Policy
+    last_eviction: LastEviction | None  # None before the first eviction run
+    journal: JournalStatus
+
+
+def format_time(moment: datetime) -> str:
+    """The wire form of a time: RFC 3339 in UTC with microseconds and a Z."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def to_json(value: Any) -> Any:
+    """The wire JSON form of a result (or a list of them), e.g. to log or cache it."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list):
+        return [to_json(item) for item in value]
+    if isinstance(value, datetime):
+        return format_time(value)
+    return value
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """Anything this client raises: the agent's error answers, no answer, a broken answer."""
+
+
+class AgentUnreachable(ClientError):
+    """No HTTP answer: the socket is missing or refuses connections (the agent is not running
+    or is restarting, after the configured retries), the connection broke, or it timed out.
+
+    docs/api.md: carry on without snapshots.
+    """
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        super().__init__(f"cannot reach snapagentd at {socket_path}: {reason}")
+        self.socket_path = socket_path
+        self.reason = reason
+
+
+class ProtocolError(ClientError):
+    """The agent answered, but not as the API promises (malformed HTTP, a body that is not a
+    JSON object, an error answer without the `{"error": {"code", "message"}}` shape)."""
+
+    def __init__(
+        self, message: str, status: int | None = None, reason: str = "", body: bytes = b""
+    ) -> None:
+        super().__init__(message)
+        self.status = status  # None when not even a status line arrived
+        self.reason = reason
+        self.body = body
+
+
+class SnapagentdError(ClientError):
+    """The agent answered with an error. `code` is stable (branch on it), `message` is for
+    people. Each documented code has its subclass (`ERRORS`); a code this client does not
+    know yet raises this class itself."""
+
+    code: str = ""
+    status: int = 0  # the documented HTTP status; an instance holds the one received
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        self.code = self.code if code is None else code
+        self.status = self.status if status is None else status
+        super().__init__(f"{self.code}: {message}")
+        self.message = message
+
+
+class InvalidJsonError(SnapagentdError):
+    code, status = "invalid-json", 400
+
+
+class InvalidFieldError(SnapagentdError):
+    code, status = "invalid-field", 400
+
+
+class ImageNotManagedError(SnapagentdError):
+    code, status = "image-not-managed", 403
+
+
+class AccessDeniedError(SnapagentdError):
+    """The agent refuses this client's user: run as a member of an allowed group."""
+
+    code, status = "access-denied", 403
+
+
+class ImageNotFoundError(SnapagentdError):
+    code, status = "image-not-found", 404
+
+
+class SnapshotNotFoundError(SnapagentdError):
+    code, status = "snapshot-not-found", 404
+
+
+class NotFoundError(SnapagentdError):
+    """Unknown route: check the path and the /v1 prefix."""
+
+    code, status = "not-found", 404
+
+
+class MethodNotAllowedError(SnapagentdError):
+    code, status = "method-not-allowed", 405
+
+
+class BodyTooLargeError(SnapagentdError):
+    code, status = "body-too-large", 413
+
+
+class DockerUnavailableError(SnapagentdError):
+    """Docker cannot be reached; nothing changed. Retry later with back-off."""
+
+    code, status = "docker-unavailable", 503
+
+
+class DockerError(SnapagentdError):
+    code, status = "docker-error", 502
+
+
+class JournalUnavailableError(SnapagentdError):
+    code, status = "journal-unavailable", 503
+
+
+class InternalError(SnapagentdError):
+    code, status = "internal-error", 500
+
+
+class TooManyConnectionsError(SnapagentdError):
+    """The agent has too many connections open: retry with back-off."""
+
+    code, status = "too-many-connections", 503
+
+
+ERRORS: dict[str, type[SnapagentdError]] = {
+    cls.code: cls for cls in SnapagentdError.__subclasses__()
+}
+
+
+def error_from_answer(status: int, reason: str, body: bytes) -> ClientError:
+    """The exception for a non-2xx answer: the class of its code, or ProtocolError."""
+    try:
+        error = json.loads(body)["error"]
+        code, message = error["code"], error["message"]
+    except (ValueError, KeyError, TypeError):
+        code = message = None
+    if not isinstance(code, str) or not isinstance(message, str):
+        return ProtocolError(
+            f"HTTP {status} {reason} without an error code from snapagentd", status, reason, body
+        )
+    return ERRORS.get(code, SnapagentdError)(message, code=code, status=status)
+
+
+# --- requests and answers, shared by both flavours --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How to retry a connection the agent refused or whose socket is missing, as happens
+    while it restarts. Only the connection is retried: no byte of the request was sent, so
+    this is safe for every request. `attempts` counts all tries (1: never retry); the waits
+    double from `initial_delay` up to `max_delay` (defaults: 0.1 + 0.2 + 0.4 + 0.8 s)."""
+
+    attempts: int = 5
+    initial_delay: float = 0.1
+    max_delay: float = 1.0
+
+    def delays(self) -> Iterator[float | None]:
+        """The wait after each failed try; None after the last one (give up)."""
+        delay = self.initial_delay
+        for _ in range(self.attempts - 1):
+            yield delay
+            delay = min(delay * 2, self.max_delay)
+        yield None
+
+
+DEFAULT_RETRY = Retry()
+NO_RETRY = Retry(attempts=1)
+_RETRY_ERRNOS = (errno.ECONNREFUSED, errno.ENOENT)  # agent restarting: nothing was sent
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    target: str  # path and query, already percent-encoded
+    body: bytes | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.body is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+
+def _request(
+    method: str,
+    path: str,
+    *,
+    query: dict[str, str] | None = None,
+    json_body: Any = None,
+    data: bytes | None = None,
+) -> _Request:
+    """Query parameters are percent-encoded as UTF-8 with %20 for a space, since the agent
+    decodes them as form data, where a literal + would be a space (docs/api.md)."""
+    target = path
+    if query:
+        target += "?" + urlencode(query, quote_via=quote)
+    if data is None and json_body is not None:
+        data = json.dumps(json_body).encode()
+    return _Request(method, target, data)
+
+
+def _decode(status: int, reason: str, body: bytes) -> dict[str, Any]:
+    """The JSON object of a 2xx answer; the error of any other."""
+    if not 200 <= status < 300:
+        raise error_from_answer(status, reason, body)
+    try:
+        data = json.loads(body)
+    except ValueError as error:
+        raise ProtocolError(
+            f"malformed answer from snapagentd: not JSON ({error})", status, reason, body
+        ) from None
+    if not isinstance(data, dict):
+        raise ProtocolError(
+            f"malformed answer from snapagentd: expected a JSON object, got {type(data).__name__}",
+            status,
+            reason,
+            body,
+        )
+    return data
+
+
+def _snapshot_key(project: str, work_item: str) -> dict[str, str]:
+    return {"project": project, "work_item": work_item}
+
+
+def _register_request(project: str, work_item: str, image: str, size_bytes: int | None) -> _Request:
+    body: dict[str, Any] = {**_snapshot_key(project, work_item), "image": image}
+    if size_bytes is not None:
+        body["size_bytes"] = size_bytes
+    return _request("POST", "/v1/snapshots", json_body=body)
+
+
+def _lookup_request(project: str, work_item: str, ttl_seconds: int | None) -> _Request:
+    body: dict[str, Any] = _snapshot_key(project, work_item)
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    return _request("POST", "/v1/snapshots/lookup", json_body=body)
+
+
+def _list_request(project: str | None) -> _Request:
+    query = None if project is None else {"project": project}
+    return _request("GET", "/v1/snapshots", query=query)
+
+
+def _delete_request(project: str, work_item: str) -> _Request:
+    return _request("DELETE", "/v1/snapshots", query=_snapshot_key(project, work_item))
+
+
+def _evict_request(dry_run: bool) -> _Request:
+    return _request("POST", "/v1/evict", json_body={"dry_run": dry_run})
+
+
+_STATUS_REQUEST = _request("GET", "/v1/status")
+
+
+# --- reading answers into results -------------------------------------------------------------
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "object": (dict,),  # a nested object, read field by field
+}
+
+
+def _get(data: Any, key: str, kind: str, nullable: bool = False) -> Any:
+    """`data[key]` checked against the contract's type; ProtocolError when it breaks it."""
+    if not isinstance(data, dict) or key not in data:
+        raise ProtocolError(f"malformed answer from snapagentd: missing field {key!r}")
+    value = data[key]
+    if value is None and nullable:
+        return None
+    if kind == "time":
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except (AttributeError, ValueError):
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise ProtocolError(f"malformed answer from snapagentd: {key} is not a time: {value!r}")
+        return moment.astimezone(UTC)
+    if not isinstance(value, _KINDS[kind]) or (kind == "int" and isinstance(value, bool)):
+        raise ProtocolError(f"malformed answer from snapagentd: {key} is not a {kind}: {value!r}")
+    return value
+
+
+def _snapshot_fields(data: Any) -> dict[str, Any]:
+    return {
+        "project": _get(data, "project", "str"),
+        "work_item": _get(data, "work_item", "str"),
+        "image": _get(data, "image", "str"),
+        "image_id": _get(data, "image_id", "str"),
+        "size_bytes": _get(data, "size_bytes", "int", nullable=True),
+        "created_at": _get(data, "created_at", "time"),
+        "last_used_at": _get(data, "last_used_at", "time", nullable=True),
+        "source": _get(data, "source", "str"),
+    }
+
+
+def _snapshot(data: Any) -> Snapshot:
+    return Snapshot(**_snapshot_fields(data))
+
+
+def _evicted(data: Any) -> EvictedSnapshot:
+    return EvictedSnapshot(
+        **_snapshot_fields(data),
+        reason=_get(data, "reason", "str"),
+        result=_get(data, "result", "str"),
+    )
+
+
+def _list_of(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    if not isinstance(value, list):
+        raise ProtocolError(f"malformed answer from snapagentd: {key} is not a list: {value!r}")
+    return value
+
+
+def _registration(status: int, data: dict[str, Any]) -> Registration:
+    return Registration(_snapshot(data.get("snapshot")), created=status == 201)
+
+
+def _deletion(data: dict[str, Any]) -> Deletion:
+    return Deletion(_snapshot(data.get("snapshot")), _get(data, "result", "str"))
+
+
+def _eviction(data: dict[str, Any]) -> Eviction:
+    evicted = [_evicted(item) for item in _list_of(data, "evicted")]
+    return Eviction(_get(data, "dry_run", "bool"), evicted)
+
+
+def _counts(data: Any, cls: type) -> dict[str, int]:
+    """The integer fields of `cls` (an all-integer dataclass), read from `data`."""
+    return {f.name: _get(data, f.name, "int") for f in fields(cls)}
+
+
+def _status(data: dict[str, Any]) -> Status:
+    docker, snapshots = _get(data, "docker", "object"), _get(data, "snapshots", "object")
+    policy, journal = _get(data, "policy", "object"), _get(data, "journal", "object")
+    last = _get(data, "last_eviction", "object", nullable=True)
+    return Status(
+        version=_get(data, "version", "str"),
+        docker=DockerStatus(
+            _get(docker, "reachable", "bool"),
+            _get(docker, "error", "str", nullable=True),
+            _get(docker, "url", "str"),
+        ),
+        snapshots=SnapshotCounts(**_counts(snapshots, SnapshotCounts)),
+        policy=Policy(**_counts(policy, Policy)),
+        last_eviction=None
+        if last is None
+        else LastEviction(
+            started_at=_get(last, "started_at", "time"),
+            finished_at=_get(last, "finished_at", "time"),
+            trigger=_get(last, "trigger", "str"),
+            removed=_get(last, "removed", "int"),
+            in_use=_get(last, "in_use", "int"),
+            already_gone=_get(last, "already_gone", "int"),
+            failed=_get(last, "failed", "int"),
+            error=_get(last, "error", "str", nullable=True),
+        ),
+        journal=JournalStatus(_get(journal, "path", "str"), _get(journal, "records", "int")),
+    )
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+# --- the blocking client ----------------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix domain socket; the host part of the URL is not used."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    """Blocking client, standard library only. One connection per request, so a restart of
+    the agent never leaves a stale connection behind. `timeout` bounds connecting and each
+    wait for the answer, in seconds. Safe to share between threads."""
+
+    def __init__(
+        self,
+        socket_path: str = DEFAULT_SOCKET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: Retry = DEFAULT_RETRY,
+    ) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self.retry = retry
+
+    def register(
+        self, project: str, work_item: str, image: str, size_bytes: int | None = None
+    ) -> Registration:
+        """Record `image` (a managed repository:tag that exists in Docker) as the key's snapshot.
+        Registering the same image again is harmless, so a retry is safe."""
+        return _registration(*self._call(_register_request(project, work_item, image, size_bytes)))
+
+    def lookup(
+        self, project: str, work_item: str, ttl_seconds: int | None = None
+    ) -> Snapshot | None:
+        """The key's usable snapshot, now marked used; None on a miss (404 snapshot-not-found:
+        none, invalidated, image gone or repointed, or older than `ttl_seconds`)."""
+        try:
+            _, data = self._call(_lookup_request(project, work_item, ttl_seconds))
+        except SnapshotNotFoundError:
+            return None
+        return _snapshot(data.get("snapshot"))
+
+    def list(self, project: str | None = None) -> list[Snapshot]:
+        """All entries (or one project's), sorted by project, then work item."""
+        _, data = self._call(_list_request(project))
+        return [_snapshot(item) for item in _list_of(data, "snapshots")]
+
+    def delete(self, project: str, work_item: str) -> Deletion:
+        """Invalidate the key's entry and try to remove its image now. Raises
+        SnapshotNotFoundError when there is no entry (the caller may treat that as done)."""
+        _, data = self._call(_delete_request(project, work_item))
+        return _deletion(data)
+
+    def evict(self, dry_run: bool = False) -> Eviction:
+        """Run an eviction now (or only plan one) and return what it chose."""
+        _, data = self._call(_evict_request(dry_run))
+        return _eviction(data)
+
+    def status(self) -> Status:
+        _, data = self._call(_STATUS_REQUEST)
+        return _status(data)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        json_body: Any = None,
+        data: bytes | None = None,
+    ) -> dict[str, Any]:
+        """Any request; the answer's JSON object as sent (for tools that print it, such as
+        `snapagentctl --json`). Errors raise as in the typed methods."""
+        return self._call(_request(method, path, query=query, json_body=json_body, data=data))[1]
+
+    def _call(self, request: _Request) -> tuple[int, dict[str, Any]]:
+        status, reason, body = self._exchange(request)
+        return status, _decode(status, reason, body)
+
+    def _exchange(self, request: _Request) -> tuple[int, str, bytes]:
+        for delay in self.retry.delays():
+            connection = _UnixHTTPConnection(self.socket_path, self.timeout)
+            try:
+                try:
+                    connection.connect()
+                except OSError as error:
+                    if delay is not None and error.errno in _RETRY_ERRNOS:
+                        time.sleep(delay)  # back-off while the agent restarts
+                        continue
+                    raise AgentUnreachable(self.socket_path, _reason(error)) from error
+                try:
+                    connection.request(
+                        request.method, request.target, request.body, request.headers
+                    )
+                    response = connection.getresponse()
+                    return response.status, response.reason, response.read()
+                except OSError as error:  # reset, closed without an answer, timed out
+                    raise AgentUnreachable(self.socket_path, _reason(error)) from error
+                except http.client.HTTPException as error:
+                    raise ProtocolError(
+                        f"malformed HTTP answer from snapagentd: {error!r}"
+                    ) from None
+            finally:
+                connection.close()
+        raise AssertionError("unreachable: the last delay is None")
+
+
+# --- the asyncio client -----------------------------------------------------------------------
+
+
+class AsyncClient:
+    """The asyncio flavour of `Client`, over aiohttp (3.8 or newer). Use it as an async
+    context manager, or call `close()`: it holds an aiohttp session. `timeout` bounds each
+    whole request, in seconds."""
+
+    def __init__(
+        self,
+        socket_path: str = DEFAULT_SOCKET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: Retry = DEFAULT_RETRY,
+    ) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self.retry = retry
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def register(
+        self, project: str, work_item: str, image: str, size_bytes: int | None = None
+    ) -> Registration:
+        """See `Client.register`."""
+        request = _register_request(project, work_item, image, size_bytes)
+        return _registration(*await self._call(request))
+
+    async def lookup(
+        self, project: str, work_item: str, ttl_seconds: int | None = None
+    ) -> Snapshot | None:
+        """See `Client.lookup`: None on a miss."""
+        try:
+            _, data = await self._call(_lookup_request(project, work_item, ttl_seconds))
+        except SnapshotNotFoundError:
+            return None
+        return _snapshot(data.get("snapshot"))
+
+    async def list(self, project: str | None = None) -> list[Snapshot]:
+        _, data = await self._call(_list_request(project))
+        return [_snapshot(item) for item in _list_of(data, "snapshots")]
+
+    async def delete(self, project: str, work_item: str) -> Deletion:
+        """See `Client.delete`."""
+        _, data = await self._call(_delete_request(project, work_item))
+        return _deletion(data)
+
+    async def evict(self, dry_run: bool = False) -> Eviction:
+        _, data = await self._call(_evict_request(dry_run))
+        return _eviction(data)
+
+    async def status(self) -> Status:
+        _, data = await self._call(_STATUS_REQUEST)
+        return _status(data)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        json_body: Any = None,
+        data: bytes | None = None,
+    ) -> dict[str, Any]:
+        """See `Client.request`."""
+        request = _request(method, path, query=query, json_body=json_body, data=data)
+        return (await self._call(request))[1]
+
+    async def _call(self, request: _Request) -> tuple[int, dict[str, Any]]:
+        status, reason, body = await self._exchange(request)
+        return status, _decode(status, reason, body)
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        import aiohttp  # here, so the blocking client never pays for importing it
+
+        if self._session is None or self._session.closed:
+            # force_close: one connection per request, as in Client (no stale keep-alives
+            # across agent restarts, and a refused connect is always safe to retry).
+            connector = aiohttp.UnixConnector(path=self.socket_path, force_close=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)
+            )
+        return self._session
+
+    async def _exchange(self, request: _Request) -> tuple[int, str, bytes]:
+        import asyncio
+
+        import aiohttp
+        from yarl import URL
+
+        session = self._open_session()
+        url = URL(f"http://localhost{request.target}", encoded=True)
+        for delay in self.retry.delays():
+            try:
+                async with session.request(
+                    request.method, url, data=request.body, headers=request.headers
+                ) as response:
+                    return response.status, response.reason or "", await response.read()
+            except aiohttp.ClientConnectorError as error:
+                if delay is not None and error.os_error.errno in _RETRY_ERRNOS:
+                    await asyncio.sleep(delay)  # back-off while the agent restarts
+                    continue
+                raise AgentUnreachable(self.socket_path, _reason(error.os_error)) from error
+            except TimeoutError as error:
+                raise AgentUnreachable(self.socket_path, "timed out") from error
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
+                raise AgentUnreachable(self.socket_path, _reason(error)) from error
+            except aiohttp.ClientResponseError as error:
+                raise ProtocolError(f"malformed HTTP answer from snapagentd: {error!r}") from None
+        raise AssertionError("unreachable: the last delay is None")
