@@ -351,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MalformedAnswer) as error:
         print(f"snapagentctl: malformed answer from snapagentd: {error}", file=sys.stderr)
         return EXIT_ERROR
-    print(output)
+    try:
+        print(output)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `snapagentctl ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second EPIPE at exit
     return EXIT_OK
 
 
