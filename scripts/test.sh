@@ -22,7 +22,7 @@ require_root "scripts/test.sh"
 
 DEBIAN_PYTHON_PACKAGES=(
 	python3-aiohttp python3-docker python3-sdnotify python3-sentry-sdk
-	python3-pytest python3-pytest-aiohttp python3-tomli
+	python3-pytest python3-pytest-aiohttp python3-tomli python3-hypothesis
 )
 ensure_apt_packages docker.io debootstrap dpkg-dev "${DEBIAN_PYTHON_PACKAGES[@]}"
 ensure_venv .venv

@@ -99,15 +99,23 @@ _SIZE_UNITS = {
 }  # fmt: skip
 
 
+MAX_DURATION_SECONDS = 100 * 365 * 86400  # datetime arithmetic stays in range; more is a typo
+
+
 def duration_seconds(value: Any) -> int:
-    """`30s`, `5m`, `24h`, `7d` or a non-negative integer number of seconds."""
+    """`30s`, `5m`, `24h`, `7d` or a non-negative integer number of seconds, at most 100 years."""
+    seconds = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", value)
+        seconds = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]{1,12})\s*([smhd]?)\s*", value)
         if match:
-            return int(match[1]) * _DURATION_UNITS[match[2] or "s"]
-    raise ValueError(f"invalid duration {value!r} (use 30s, 5m, 24h, 7d or integer seconds)")
+            seconds = int(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    if seconds is not None and seconds <= MAX_DURATION_SECONDS:
+        return seconds
+    raise ValueError(
+        f"invalid duration {value!r} (use 30s, 5m, 24h, 7d or integer seconds; at most 100 years)"
+    )
 
 
 def positive_duration_seconds(value: Any) -> int:
@@ -123,7 +131,7 @@ def size_bytes(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        match = re.fullmatch(r"\s*([0-9]{1,20})\s*([A-Za-z]*)\s*", value)
         if match and match[2].lower() in _SIZE_UNITS:
             return int(match[1]) * _SIZE_UNITS[match[2].lower()]
     raise ValueError(f"invalid size {value!r} (use integer bytes or 500MB, 10GiB)")
@@ -248,7 +256,7 @@ def load_settings(path: Path) -> Settings:
         raise ConfigError([f"{path}: cannot read configuration: {error.strerror}"]) from None
     try:
         document = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, UnicodeDecodeError, ...
         raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
     try:
         return parse_settings(document)

@@ -242,7 +242,7 @@ def test_rejected_value_names_the_key_and_quotes_the_value(
 
 def test_message_for_a_bad_duration_is_exact() -> None:
     assert only_problem({"policy": {"ttl": "5 minutes"}}) == (
-        "policy.ttl: invalid duration '5 minutes' (use 30s, 5m, 24h, 7d or integer seconds)"
+        "policy.ttl: invalid duration '5 minutes' (use 30s, 5m, 24h, 7d or integer seconds; at most 100 years)"
     )
 
 
@@ -316,7 +316,7 @@ def test_load_settings_prefixes_every_problem_with_the_path(tmp_path: Path) -> N
         load_settings(path)
     assert caught.value.problems == [
         f"{path}: policy.ttl: invalid duration '5 minutes' (use 30s, 5m, 24h, 7d or integer "
-        "seconds)",
+        "seconds; at most 100 years)",
         f"{path}: policy.max_size: invalid size 'ten' (use integer bytes or 500MB, 10GiB)",
     ]
 
