@@ -117,10 +117,24 @@ def build_app(
 
 
 async def watch_docker(services: Services, notifier: Notifier) -> None:
-    """Keep Docker's state fresh; reconcile and evict once it answers after an outage."""
+    """Keep Docker's state fresh; reconcile and evict once it answers after an outage.
+
+    Any Docker call that finds the engine gone (or back) wakes this loop at once and updates
+    STATUS=, so the retry pace switches to DOCKER_RETRY_SECONDS without waiting for a ping.
+    """
     docker, evictor = services.registry.docker, services.evictor
+    changed = asyncio.Event()
+
+    def on_change(reachable: bool) -> None:
+        notifier.status(status_line(services))
+        changed.set()
+
+    docker.on_change = on_change
     while True:
-        await asyncio.sleep(DOCKER_HEALTH_SECONDS if docker.reachable else DOCKER_RETRY_SECONDS)
+        pace = DOCKER_HEALTH_SECONDS if docker.reachable else DOCKER_RETRY_SECONDS
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), pace)
+        changed.clear()
         if await docker.ping():
             last = evictor.last_report
             if last is None or last.error is not None:
@@ -190,7 +204,8 @@ def bind_unix_socket(path: Path, mode: int, group: str) -> socket.socket:
 _TIMEOUT_ON_RUNNER = tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >= (3, 9)
 
 
-def _runner(app: web.Application) -> web.AppRunner:
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The runner with the daemon's HTTP limits and timeouts (tests serve the app with it too)."""
     options: dict[str, Any] = {
         "access_log": None,
         "keepalive_timeout": KEEPALIVE_SECONDS,
@@ -244,7 +259,7 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
         sock = bind_unix_socket(api.socket, api.socket_mode, api.socket_group)
     guard = ConnectionGuard(MAX_CONNECTIONS, FIRST_REQUEST_SECONDS)
     app = build_app(settings, notifier, guard)
-    runner = _runner(app)
+    runner = make_runner(app)
     try:
         await runner.setup()  # journal replay, Docker reconcile, first eviction
         await _site(runner, sock, guard).start()

@@ -50,6 +50,9 @@ class DockerGateway:
         self.is_managed = settings.is_managed
         self.reachable = False
         self.error: str | None = "not contacted yet"
+        # Called with the new state whenever reachability flips (the daemon updates STATUS=
+        # and its retry pace), from the event loop.
+        self.on_change: Callable[[bool], None] | None = None
         self._client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
 
@@ -86,15 +89,21 @@ class DockerGateway:
         return result
 
     def _mark_reachable(self) -> None:
-        if not self.reachable:
+        changed = not self.reachable
+        if changed:
             log.info("docker: engine at %s is reachable", self.url)
         self.reachable, self.error = True, None
+        if changed and self.on_change is not None:
+            self.on_change(True)
 
     def _mark_unreachable(self, error: BaseException) -> None:
         message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        if self.reachable or self.error != message:
+        changed = self.reachable
+        if changed or self.error != message:
             log.warning("docker: engine at %s is not reachable: %s", self.url, message)
         self.reachable, self.error = False, message
+        if changed and self.on_change is not None:
+            self.on_change(False)
 
     def close(self) -> None:
         with self._client_lock:

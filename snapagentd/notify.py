@@ -23,6 +23,9 @@ class Notifier:
         if self.enabled:
             try:
                 self._notifier = sdnotify.SystemdNotifier(debug=True)  # debug: raise, don't hide
+                # Sent from the event loop: a receiver that stops reading (a stuck PID 1, a
+                # full queue) must cost a dropped message, never a blocked loop.
+                self._notifier.socket.setblocking(False)
             except Exception as error:
                 self._log_failure(error)
 
