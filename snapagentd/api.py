@@ -34,7 +34,6 @@ from .errors import (
 )
 from .evictor import Evictor
 from .models import Reason, RemovalResult, Victim, normalise_reference
-from .policy import total_size_bytes
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -45,9 +44,13 @@ MAX_NAME_CHARS = 1024  # project and work item
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _HOST = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
 _REFERENCE = re.compile(
-    rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
+    rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?",
+    re.ASCII,  # Docker's grammar is ASCII; Python's \w alone would take any letter
 )
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and lone surrogates (valid JSON escapes that UTF-8 cannot store).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# A lookup's ttl_seconds beyond this means "never expires" (datetime arithmetic's range).
+MAX_TTL_SECONDS = 100 * 365 * 86400
 
 
 @dataclass
@@ -67,12 +70,14 @@ SERVICES: Any = web.AppKey("services", Services) if hasattr(web, "AppKey") else 
 
 async def read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     """The JSON object in the body; an empty body is an empty object."""
-    body = await request.read()  # raises 413 over client_max_size
+    body = await request.read()  # raises 413 over client_max_size (MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:  # aiohttp < 3.9 already refuses exactly client_max_size
+        raise BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
     if not body.strip():
         return {}
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also deep nesting and >4300-digit ints
         raise InvalidJson(f"request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise InvalidJson("request body must be a JSON object")
@@ -94,7 +99,7 @@ def name_field(data: dict[str, Any], field: str) -> str:
     if len(value) > MAX_NAME_CHARS:
         raise InvalidField(f"field {field!r} is longer than {MAX_NAME_CHARS} characters")
     if _CONTROL.search(value):
-        raise InvalidField(f"field {field!r} must not contain control characters")
+        raise InvalidField(f"field {field!r} must not contain control characters or surrogates")
     return value
 
 
@@ -111,12 +116,13 @@ def image_field(data: dict[str, Any]) -> str:
     value = data.get("image")
     if not isinstance(value, str) or not value:
         raise InvalidField("field 'image' is required and must be a non-empty string")
+    shown = value if len(value) <= 80 else value[:80] + "..."  # never echo 10 KB back
     if "@" in value or value.startswith("sha256:"):
         raise ImageNotManaged(
-            f"image {value!r} is a digest or id; register the repository:tag it was committed to"
+            f"image {shown!r} is a digest or id; register the repository:tag it was committed to"
         )
     if len(value) > 255 or not _REFERENCE.fullmatch(value):
-        raise InvalidField(f"field 'image' is not a valid Docker reference: {value!r}")
+        raise InvalidField(f"field 'image' is not a valid Docker reference: {shown!r}")
     return normalise_reference(value)  # the registry decides whether it is managed
 
 
@@ -146,7 +152,8 @@ async def lookup(request: web.Request) -> web.Response:
     ttl_seconds = optional_count(data, "ttl_seconds")
     if ttl_seconds is None:
         ttl_seconds = services.evictor.policy.ttl_seconds
-    found = await services.registry.lookup(key, timedelta(seconds=ttl_seconds))
+    ttl = timedelta(seconds=min(ttl_seconds, MAX_TTL_SECONDS))
+    found = await services.registry.lookup(key, ttl)
     services.evictor.remove_soon(found.retired)
     if found.snapshot is None:
         raise SnapshotNotFound(
@@ -157,7 +164,7 @@ async def lookup(request: web.Request) -> web.Response:
 
 async def list_snapshots(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    project = request.query.get("project")
+    project = query_name(request, "project") if "project" in request.query else None
     snapshots = services.registry.list(project)
     return web.json_response({"snapshots": [s.to_json() for s in snapshots]})
 
@@ -203,7 +210,7 @@ def status_document(services: Services) -> dict[str, Any]:
         "docker": {"reachable": docker.reachable, "error": docker.error, "url": docker.url},
         "snapshots": {
             "count": len(entries),
-            "total_size_bytes": total_size_bytes(entries),
+            "total_size_bytes": registry.state.total_size_bytes(),
             "pending_removal": len(registry.state.pending),
         },
         "policy": evictor.policy.to_json(),
@@ -250,7 +257,7 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
 
 def create_app() -> web.Application:
     """The application without its services; the daemon adds them via cleanup contexts."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_as_json])
+    app = web.Application(client_max_size=MAX_BODY_BYTES + 1, middlewares=[errors_as_json])
     app.router.add_post("/v1/snapshots", register)
     app.router.add_post("/v1/snapshots/lookup", lookup)
     app.router.add_get("/v1/snapshots", list_snapshots)

@@ -669,3 +669,32 @@ async def test_failed_write_applies_nothing_and_cuts_the_partial_record(tmp_path
     assert len(file_records(path)) == 2
     replayed, _ = await reopen(path)
     assert replayed.entries == {A.key: A, B.key: B}
+
+
+# --- a journal from the future -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("newline", [b"\n", b""], ids=["whole-line", "without-newline"])
+@pytest.mark.parametrize(
+    "future",
+    [
+        pytest.param(encode({**put_record(C), "v": 2}).rstrip(b"\n"), id="version-2"),
+        pytest.param(b'{"v":1,"op":"lease","project":"p"}', id="unknown-record-type"),
+    ],
+)
+async def test_a_future_record_as_the_last_line_stops_the_start_and_is_kept(
+    tmp_path: Path, future: bytes, newline: bytes
+) -> None:
+    """A newer agent's record is not a torn write: cutting it would lose what it recorded."""
+    path = tmp_path / "journal.jsonl"
+    await write_journal(path, [dict(r) for r in THREE])
+    with open(path, "ab") as stream:
+        stream.write(future + newline)
+    before = path.read_bytes()
+    journal = Journal(path, RegistryState())
+    try:
+        with pytest.raises(JournalCorrupt, match="newer snapagentd"):
+            journal.load()
+    finally:
+        await journal.close()
+    assert path.read_bytes() == before  # nothing cut, nothing rewritten
