@@ -242,7 +242,8 @@ def test_rejected_value_names_the_key_and_quotes_the_value(
 
 def test_message_for_a_bad_duration_is_exact() -> None:
     assert only_problem({"policy": {"ttl": "5 minutes"}}) == (
-        "policy.ttl: invalid duration '5 minutes' (use 30s, 5m, 24h, 7d or integer seconds; at most 100 years)"
+        "policy.ttl: invalid duration '5 minutes' "
+        "(use 30s, 5m, 24h, 7d or integer seconds; at most 100 years)"
     )
 
 
