@@ -4,7 +4,8 @@
 #   2. the unit and integration tests on .venv (base python3 + the newest PyPI versions);
 #   3. the same tests on Debian 12's /usr/bin/python3 with Debian's packages (aiohttp 3.8,
 #      docker 5.0.3, sentry-sdk 1.9, sdnotify 0.3), the versions the .deb runs on;
-#   4. the TypeScript client's tests and the router example end to end (test-clients.sh);
+#   4. the TypeScript client's tests and the router example end to end (test-clients.sh),
+#      and a smoke run of the benchmarks (bench/, tiny sizes, no verdicts);
 #   5. the Debian package: scripts/build-deb.sh (dpkg-buildpackage, then lintian);
 #   6. the end-to-end test (tests/e2e): that .deb installed with apt under a real systemd
 #      booted in a container of a private dockerd.
@@ -61,7 +62,7 @@ run_step() { # run_step NAME COMMAND...: run it, remember a failure, go on
 
 log "dockerd: $(dockerd --version 2>/dev/null || /usr/sbin/dockerd --version)"
 
-run_step "ruff check snapagentd tests" .venv/bin/ruff check snapagentd tests
+run_step "ruff check snapagentd tests bench" .venv/bin/ruff check snapagentd tests bench
 
 log "pass 1/2 versions (newest from PyPI):"
 .venv/bin/python -c "$VERSIONS_PY"
@@ -74,6 +75,10 @@ run_step "pytest pass 2/2: /usr/bin/python3, Debian 12 versions" \
 	env PYTHONPATH="$REPO_ROOT" /usr/bin/python3 -m pytest tests --ignore=tests/e2e -p no:cacheprovider "$@"
 
 run_step "TypeScript client and router example (scripts/test-clients.sh)" ./scripts/test-clients.sh
+
+# The benchmarks at tiny sizes, without verdicts: keeps bench/ from rotting (timings never
+# decide a test; the full run is `python -m bench`, see docs/benchmarks.md).
+run_step "bench smoke run (python -m bench --smoke)" .venv/bin/python -m bench --smoke
 
 if [ "${SNAPAGENTD_SKIP_PACKAGE:-0}" = 1 ]; then
 	log "SNAPAGENTD_SKIP_PACKAGE=1: not building the .deb, not running tests/e2e"
