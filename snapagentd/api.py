@@ -17,7 +17,7 @@ import docker.errors
 from aiohttp import web
 
 from . import __version__, telemetry
-from .config import Settings
+from .config import MAX_DURATION_SECONDS, Settings
 from .docker_ops import DockerUnavailable
 from .errors import (
     BodyTooLarge,
@@ -49,8 +49,6 @@ _REFERENCE = re.compile(
 )
 # Control characters, and lone surrogates (valid JSON escapes that UTF-8 cannot store).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-# A lookup's ttl_seconds beyond this means "never expires" (datetime arithmetic's range).
-MAX_TTL_SECONDS = 100 * 365 * 86400
 
 
 @dataclass
@@ -152,7 +150,8 @@ async def lookup(request: web.Request) -> web.Response:
     ttl_seconds = optional_count(data, "ttl_seconds")
     if ttl_seconds is None:
         ttl_seconds = services.evictor.policy.ttl_seconds
-    ttl = timedelta(seconds=min(ttl_seconds, MAX_TTL_SECONDS))
+    # Longer than the longest configurable TTL means "never expires" (and stays in range).
+    ttl = timedelta(seconds=min(ttl_seconds, MAX_DURATION_SECONDS))
     found = await services.registry.lookup(key, ttl)
     services.evictor.remove_soon(found.retired)
     if found.snapshot is None:
