@@ -163,7 +163,9 @@ async def lookup(request: web.Request) -> web.Response:
 
 async def list_snapshots(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    project = query_name(request, "project") if "project" in request.query else None
+    project = request.query.get("project")
+    if project:  # "" selects the discovered entries, whose project is empty
+        project = query_name(request, "project")
     snapshots = services.registry.list(project)
     return web.json_response({"snapshots": [s.to_json() for s in snapshots]})
 

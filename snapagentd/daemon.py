@@ -43,6 +43,9 @@ SHUTDOWN_TIMEOUT_SECONDS = 30  # in-flight requests get this long to finish on S
 MAX_CONNECTIONS = 256  # open API connections; more get 503 too-many-connections
 FIRST_REQUEST_SECONDS = 10  # a new connection must have sent a request's headers by then
 KEEPALIVE_SECONDS = 30  # an idle keep-alive connection is closed after this long
+# The request line and each header: two 1024-character names percent-encode to about 25 KB
+# in a DELETE's query line (aiohttp's default, 8190 bytes, would refuse valid keys).
+MAX_LINE_BYTES = 32 * 1024
 
 
 class StartupError(Exception):
@@ -209,9 +212,8 @@ def make_runner(app: web.Application) -> web.AppRunner:
     options: dict[str, Any] = {
         "access_log": None,
         "keepalive_timeout": KEEPALIVE_SECONDS,
-        # Two 1024-character names percent-encode to about 25 KB in a DELETE's query line.
-        "max_line_size": 32 * 1024,
-        "max_field_size": 32 * 1024,
+        "max_line_size": MAX_LINE_BYTES,
+        "max_field_size": MAX_LINE_BYTES,
     }
     if _TIMEOUT_ON_RUNNER:
         options["shutdown_timeout"] = SHUTDOWN_TIMEOUT_SECONDS
