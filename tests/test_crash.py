@@ -4,6 +4,7 @@ told about may exist half-made; the journal must always load."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import signal
@@ -51,7 +52,7 @@ def client(agent: Agent, number: int, run: int, image: str, ledger: Ledger) -> N
                 {"project": key[0], "work_item": key[1], "image": image},
                 timeout=10,
             )
-        except OSError:  # reset, refused: the agent is gone; the answer never came
+        except (OSError, http.client.HTTPException):  # reset, refused, cut short: no answer
             with ledger.lock:
                 ledger.unanswered.add(key)
             return
@@ -71,7 +72,7 @@ def client(agent: Agent, number: int, run: int, image: str, ledger: Ledger) -> N
                 {"project": project, "work_item": work_item},
                 timeout=10,
             )
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return
         if status != 200:
             ledger.unexpected.append(f"lookup {project}/{work_item}: {status} {answer}")

@@ -7,6 +7,7 @@ SNAPAGENTD_SOAK_SECONDS=600 makes it the soak run (not in CI); it prints memory 
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import threading
@@ -68,7 +69,7 @@ def client(agent: Agent, seed: int, tally: Tally, until: Callable[[], bool]) -> 
             with tally.lock:
                 tally.hangs += 1
             continue
-        except OSError as error:  # refused or reset: the agent failed this client
+        except (OSError, http.client.HTTPException) as error:  # refused, reset, cut short
             with tally.lock:
                 tally.connection_errors.append(f"{method} {path}: {error!r}")
             continue

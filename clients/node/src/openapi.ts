@@ -49,7 +49,7 @@ export type Snapshot = {
    */
   size_bytes: number | null;
   /**
-   * When the entry was created, RFC 3339 UTC. The TTL and `min_age` are measured from this time.
+   * When the image was created in Docker (its commit time), RFC 3339 UTC; not when it was registered. The TTL and `min_age` are measured from this time.
    */
   created_at: string;
   /**
