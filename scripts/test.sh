@@ -24,8 +24,9 @@ require_root "scripts/test.sh"
 DEBIAN_PYTHON_PACKAGES=(
 	python3-aiohttp python3-docker python3-sdnotify python3-sentry-sdk
 	python3-pytest python3-pytest-aiohttp python3-tomli python3-hypothesis
+	python3-prometheus-client
 )
-ensure_apt_packages docker.io debootstrap dpkg-dev "${DEBIAN_PYTHON_PACKAGES[@]}"
+ensure_apt_packages docker.io debootstrap dpkg-dev busybox-static "${DEBIAN_PYTHON_PACKAGES[@]}"
 ensure_venv .venv
 
 command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] ||
@@ -34,8 +35,8 @@ command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] ||
 VERSIONS_PY='
 import sys
 from importlib.metadata import PackageNotFoundError, version
-names = ["aiohttp", "docker", "sdnotify", "sentry-sdk", "pytest", "pytest-aiohttp",
-         "pytest-asyncio", "requests", "urllib3", "ruff"]
+names = ["aiohttp", "docker", "sdnotify", "sentry-sdk", "prometheus-client", "pytest",
+         "pytest-aiohttp", "pytest-asyncio", "requests", "urllib3", "ruff"]
 found = []
 for name in names:
     try:
