@@ -32,14 +32,24 @@ from .errors import (
     RouteNotFound,
     SnapshotNotFound,
 )
-from .evictor import Evictor
-from .models import Reason, RemovalResult, Victim, normalise_reference
+from .evictor import Evictor, Explained
+from .models import (
+    Reason,
+    RemovalResult,
+    Snapshot,
+    Victim,
+    normalise_reference,
+    utcnow,
+)
 from .registry import Registry
+from .state import Lease
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_NAME_CHARS = 1024  # project and work item
+# A lease bridges a lookup and a container create: minutes. A day is a bug in the router.
+MAX_LEASE_SECONDS = 24 * 3600
 # Docker's reference grammar: [host[:port]/]component(/component)*[:tag], lower-case names.
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _HOST = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
@@ -58,6 +68,9 @@ class Services:
     settings: Settings
     registry: Registry
     evictor: Evictor
+    # Set by the daemon once its event follower and metrics exist (None in bare test apps).
+    events: Any = None
+    metrics: Any = None
 
 
 SERVICES: Any = web.AppKey("services", Services) if hasattr(web, "AppKey") else "services"
@@ -110,6 +123,15 @@ def optional_count(data: dict[str, Any], field: str) -> int | None:
     return value
 
 
+def lease_seconds(data: dict[str, Any], field: str) -> int | None:
+    value = optional_count(data, field)
+    if value is not None and not 1 <= value <= MAX_LEASE_SECONDS:
+        raise InvalidField(
+            f"field {field!r} must be between 1 and {MAX_LEASE_SECONDS} seconds, got {value}"
+        )
+    return value
+
+
 def image_field(data: dict[str, Any]) -> str:
     value = data.get("image")
     if not isinstance(value, str) or not value:
@@ -128,6 +150,19 @@ def query_name(request: web.Request, field: str) -> str:
     return name_field(dict(request.query), field)
 
 
+# --- answers --------------------------------------------------------------------------------
+
+
+def snapshot_json(services: Services, snapshot: Snapshot) -> dict[str, Any]:
+    """An entry as clients see it: its record plus the bytes only its image holds."""
+    unique = services.evictor.unique_of(snapshot.image_id)
+    return {**snapshot.to_json(), "unique_bytes": unique}
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    return lease.to_json()
+
+
 # --- handlers -------------------------------------------------------------------------------
 
 
@@ -139,17 +174,21 @@ async def register(request: web.Request) -> web.Response:
     size = optional_count(data, "size_bytes")
     registration = await services.registry.register(project, work_item, image, size)
     services.evictor.remove_soon(registration.retired)
+    services.evictor.check_disk_soon()  # a new snapshot may have pushed the disk over
     status = 201 if registration.created else 200
-    return web.json_response({"snapshot": registration.snapshot.to_json()}, status=status)
+    return web.json_response(
+        {"snapshot": snapshot_json(services, registration.snapshot)}, status=status
+    )
 
 
 async def lookup(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    data = await read_object(request, {"project", "work_item", "ttl_seconds"})
+    data = await read_object(request, {"project", "work_item", "ttl_seconds", "lease_seconds"})
     key = (name_field(data, "project"), name_field(data, "work_item"))
     ttl_seconds = optional_count(data, "ttl_seconds")
+    hold = lease_seconds(data, "lease_seconds")
     if ttl_seconds is None:
-        ttl_seconds = services.evictor.policy.ttl_seconds
+        ttl_seconds = services.evictor.policy.limits_for(key[0]).ttl_seconds
     # Longer than the longest configurable TTL means "never expires" (and stays in range).
     ttl = timedelta(seconds=min(ttl_seconds, MAX_DURATION_SECONDS))
     found = await services.registry.lookup(key, ttl)
@@ -158,7 +197,31 @@ async def lookup(request: web.Request) -> web.Response:
         raise SnapshotNotFound(
             f"no snapshot for project {key[0]!r}, work item {key[1]!r}: {found.why_missing}"
         )
-    return web.json_response({"snapshot": found.snapshot.to_json()})
+    answer = {"snapshot": snapshot_json(services, found.snapshot)}
+    if hold is not None:  # lookup and lease in one step: no eviction can slip in between
+        answer["lease"] = lease_json(await services.registry.lease(key, hold))
+    return web.json_response(answer)
+
+
+async def create_lease(request: web.Request) -> web.Response:
+    """Protect a snapshot's image from every eviction until the lease ends or is released."""
+    services = request.app[SERVICES]
+    data = await read_object(request, {"project", "work_item", "seconds"})
+    key = (name_field(data, "project"), name_field(data, "work_item"))
+    seconds = lease_seconds(data, "seconds")
+    if seconds is None:
+        raise InvalidField("field 'seconds' is required")
+    lease = await services.registry.lease(key, seconds)
+    return web.json_response({"lease": lease_json(lease)}, status=201)
+
+
+async def release_lease(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    lease_id = request.query.get("id", "")
+    if not lease_id or len(lease_id) > 64 or _CONTROL.search(lease_id):
+        raise InvalidField("query parameter 'id' is required: the lease's id")
+    lease = await services.registry.release(lease_id)
+    return web.json_response({"lease": lease_json(lease), "released": True})
 
 
 async def list_snapshots(request: web.Request) -> web.Response:
@@ -167,7 +230,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
     if project:  # "" selects the discovered entries, whose project is empty
         project = query_name(request, "project")
     snapshots = services.registry.list(project)
-    return web.json_response({"snapshots": [s.to_json() for s in snapshots]})
+    return web.json_response({"snapshots": [snapshot_json(services, s) for s in snapshots]})
 
 
 async def delete_snapshot(request: web.Request) -> web.Response:
@@ -183,7 +246,9 @@ async def delete_snapshot(request: web.Request) -> web.Response:
         result = outcomes[0].result
     else:
         result = RemovalResult.KEPT  # another entry still holds this tag and image
-    return web.json_response({"snapshot": snapshot.to_json(), "result": result.value})
+    return web.json_response(
+        {"snapshot": snapshot_json(services, snapshot), "result": result.value}
+    )
 
 
 async def evict(request: web.Request) -> web.Response:
@@ -192,10 +257,52 @@ async def evict(request: web.Request) -> web.Response:
     dry_run = data.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise InvalidField(f"field 'dry_run' must be true or false, got {dry_run!r}")
-    outcomes = await services.evictor.run("api", dry_run=dry_run)
+    if dry_run:
+        return web.json_response(explanation(await services.evictor.explain()))
+    outcomes = await services.evictor.run("api")
     return web.json_response(
-        {"dry_run": dry_run, "evicted": [outcome.to_json() for outcome in outcomes]}
+        {"dry_run": False, "evicted": [outcome.to_json() for outcome in outcomes]}
     )
+
+
+def explanation(explained: Explained) -> dict[str, Any]:
+    """A dry run, in eviction order: each candidate with its reason, age, last use and unique
+    bytes, then the pending removals, and what protects each snapshot a rule passed over."""
+    now = utcnow()
+
+    def facts(snapshot: Snapshot) -> dict[str, Any]:
+        return {
+            **snapshot.to_json(),
+            "unique_bytes": explained.unique_bytes.get(snapshot.image_id),
+            "age_seconds": int((now - snapshot.created_at).total_seconds()),
+            "idle_seconds": int((now - snapshot.last_activity).total_seconds()),
+        }
+
+    planned = [
+        {**facts(v.snapshot), "reason": v.reason.value, "result": RemovalResult.PLANNED.value}
+        for v in explained.plan.victims
+    ]
+    for pending in explained.pending:
+        blocked = (
+            RemovalResult.LEASED
+            if pending.snapshot.image_id in explained.leased_ids
+            else RemovalResult.IN_USE
+            if pending.snapshot.image_id in explained.in_use_ids
+            else RemovalResult.PLANNED
+        )
+        planned.append(
+            {**facts(pending.snapshot), "reason": pending.reason.value, "result": blocked.value}
+        )
+    skipped = [
+        {**facts(s.snapshot), "reason": s.reason.value, "protected_by": s.protection.value}
+        for s in explained.plan.skipped
+    ]
+    return {
+        "dry_run": True,
+        "evicted": planned,
+        "skipped": skipped,
+        "disk_bytes_to_free": explained.bytes_to_free,
+    }
 
 
 async def status(request: web.Request) -> web.Response:
@@ -205,15 +312,28 @@ async def status(request: web.Request) -> web.Response:
 
 def status_document(services: Services) -> dict[str, Any]:
     registry, evictor, docker = services.registry, services.evictor, services.registry.docker
-    entries = registry.state.entries.values()
+    state = registry.state
+    events = services.events
+    now = utcnow()
+    disk = evictor.disk.last
     return {
         "version": __version__,
-        "docker": {"reachable": docker.reachable, "error": docker.error, "url": docker.url},
-        "snapshots": {
-            "count": len(entries),
-            "total_size_bytes": registry.state.total_size_bytes(),
-            "pending_removal": len(registry.state.pending),
+        "docker": {
+            "reachable": docker.reachable,
+            "error": docker.error,
+            "url": docker.url,
+            "events": None
+            if events is None
+            else {"connected": events.connected, "reconnects": events.reconnects},
         },
+        "snapshots": {
+            "count": len(state.entries),
+            "total_size_bytes": state.total_size_bytes(),
+            "unique_bytes": evictor.managed_unique_bytes(),
+            "pending_removal": len(state.pending),
+            "leases": sum(1 for lease in state.leases.values() if lease.expires_at > now),
+        },
+        "disk": None if disk is None else disk.to_json(),
         "policy": evictor.policy.to_json(),
         "last_eviction": evictor.last_report.to_json() if evictor.last_report else None,
         "journal": {"path": str(registry.journal.path), "records": registry.journal.records},
@@ -261,6 +381,8 @@ def create_app() -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES + 1, middlewares=[errors_as_json])
     app.router.add_post("/v1/snapshots", register)
     app.router.add_post("/v1/snapshots/lookup", lookup)
+    app.router.add_post("/v1/snapshots/lease", create_lease)
+    app.router.add_delete("/v1/snapshots/lease", release_lease)
     app.router.add_get("/v1/snapshots", list_snapshots)
     app.router.add_delete("/v1/snapshots", delete_snapshot)
     app.router.add_post("/v1/evict", evict)

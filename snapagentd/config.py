@@ -9,9 +9,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .models import split_reference
+
+if TYPE_CHECKING:
+    from .disk import Watermark
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli kept for older Pythons
     import tomllib
@@ -42,6 +45,10 @@ class ApiSettings:
 class DockerSettings:
     url: str = "unix:///run/docker.sock"
     image_prefixes: tuple[str, ...] = ("cascade-snapshot-",)
+    # Where the disk watermarks look; "" asks Docker (`docker info`'s DockerRootDir).
+    data_root: str = ""
+    # Dangling images carrying this label ("key" or "key=value") are removed too; "": none.
+    dangling_label: str = ""
 
     def is_managed(self, reference: str) -> bool:
         """True when `reference` (repo:tag) lies in a repository the agent manages."""
@@ -52,20 +59,63 @@ class DockerSettings:
 
 
 @dataclass(frozen=True)
-class PolicySettings:
-    ttl_seconds: int = 24 * 3600
-    max_count: int = 5
-    max_size_bytes: int = 10 * 1024**3
-    interval_seconds: int = 5 * 60
-    min_age_seconds: int = 0
+class Limits:
+    """The limits one pool of snapshots lives under: the global pool or one project's."""
+
+    ttl_seconds: int
+    max_count: int
+    max_size_bytes: int
 
     def to_json(self) -> dict[str, int]:
         return {
             "ttl_seconds": self.ttl_seconds,
             "max_count": self.max_count,
             "max_size_bytes": self.max_size_bytes,
+        }
+
+
+def _default_watermark(text: str) -> Watermark:
+    from .disk import parse_watermark
+
+    return parse_watermark(text)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    ttl_seconds: int = 24 * 3600
+    max_count: int = 5
+    max_size_bytes: int = 10 * 1024**3
+    interval_seconds: int = 5 * 60
+    min_age_seconds: int = 0
+    # Disk pressure on the filesystem of Docker's data root; None (disk_high = "off"): never.
+    disk_high: Watermark | None = field(default_factory=lambda: _default_watermark("85%"))
+    disk_low: Watermark | None = field(default_factory=lambda: _default_watermark("80%"))
+    disk_interval_seconds: int = 30
+    size_accounting: str = "unique"  # or "virtual": Docker's Size, shared layers and all
+    # Projects with limits of their own, each a pool apart from the global one.
+    projects: tuple[tuple[str, Limits], ...] = ()
+
+    @property
+    def global_limits(self) -> Limits:
+        return Limits(self.ttl_seconds, self.max_count, self.max_size_bytes)
+
+    def limits_for(self, project: str) -> Limits:
+        """The limits `project`'s snapshots live under (its own, or the global ones)."""
+        for name, limits in self.projects:
+            if name == project:
+                return limits
+        return self.global_limits
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.global_limits.to_json(),
             "interval_seconds": self.interval_seconds,
             "min_age_seconds": self.min_age_seconds,
+            "disk_high": self.disk_high.describe() if self.disk_high else "off",
+            "disk_low": self.disk_low.describe() if self.disk_low else "off",
+            "disk_interval_seconds": self.disk_interval_seconds,
+            "size_accounting": self.size_accounting,
+            "projects": {name: limits.to_json() for name, limits in self.projects},
         }
 
 
@@ -81,12 +131,19 @@ class SentrySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # Also serve GET /metrics on this loopback TCP address ("127.0.0.1:9465"); "": socket only.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     journal: JournalSettings = field(default_factory=JournalSettings)
     sentry: SentrySettings = field(default_factory=SentrySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # --- value converters: each raises ValueError with a phrase that completes "<key>: ..." ---
@@ -171,6 +228,13 @@ def group_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def optional_absolute_path(value: Any) -> str:
+    """An absolute path, or "" for none."""
+    if value == "":
+        return ""
+    return str(absolute_path(value))
+
+
 def docker_url(value: Any) -> str:
     if isinstance(value, str) and re.match(r"(unix|tcp|http|https)://.+", value):
         return value
@@ -189,6 +253,100 @@ def image_prefixes(value: Any) -> tuple[str, ...]:
     raise ValueError(f"invalid value {value!r} (expected a non-empty list of strings)")
 
 
+def watermark(value: Any) -> Watermark | None:
+    """A disk watermark ("85%", "20GiB"), or "off"."""
+    if value == "off":
+        return None
+    from .disk import parse_watermark
+
+    return parse_watermark(value)
+
+
+def size_accounting(value: Any) -> str:
+    if value in ("unique", "virtual"):
+        return str(value)
+    raise ValueError(f'invalid value {value!r} (use "unique" or "virtual")')
+
+
+def label_selector(value: Any) -> str:
+    """A Docker label filter, "key" or "key=value"."""
+    if isinstance(value, str) and re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._/-]*(=[^\s]*)?)?", value):
+        return value
+    raise ValueError(f'invalid label {value!r} (use "key" or "key=value")')
+
+
+def listen_address(value: Any) -> str:
+    """A loopback host:port for the metrics endpoint, or "" for none."""
+    if value == "":
+        return ""
+    from .metrics import parse_listen
+
+    parse_listen(value)
+    return str(value)
+
+
+# The keys a [policy.projects."<name>"] table may override: key -> (attribute, converter).
+_PROJECT_KEYS: dict[str, tuple[str, Any]] = {
+    "ttl": ("ttl_seconds", duration_seconds),
+    "max_count": ("max_count", count),
+    "max_size": ("max_size_bytes", size_bytes),
+}
+
+
+def _project_limits(
+    table: Any, defaults: dict[str, Any], problems: list[str]
+) -> tuple[tuple[str, Limits], ...]:
+    """Parse [policy.projects]: each project's limits, unset keys taken from the global ones."""
+    if not isinstance(table, dict):
+        problems.append(f"policy.projects: expected a table of projects, got {table!r}")
+        return ()
+    parsed = []
+    for name, overrides in table.items():
+        where = f'policy.projects."{name}"'
+        if not name:
+            problems.append(f"{where}: the project name must not be empty")
+            continue
+        if not isinstance(overrides, dict):
+            problems.append(f"{where}: expected a table, got {overrides!r}")
+            continue
+        values = {
+            "ttl_seconds": defaults.get("ttl_seconds", PolicySettings.ttl_seconds),
+            "max_count": defaults.get("max_count", PolicySettings.max_count),
+            "max_size_bytes": defaults.get("max_size_bytes", PolicySettings.max_size_bytes),
+        }
+        for key, raw in overrides.items():
+            if key not in _PROJECT_KEYS:
+                problems.append(f"{where}.{key}: unknown key (known: {', '.join(_PROJECT_KEYS)})")
+                continue
+            attribute, convert = _PROJECT_KEYS[key]
+            try:
+                values[attribute] = convert(raw)
+            except ValueError as error:
+                problems.append(f"{where}.{key}: {error}")
+        parsed.append((name, Limits(**values)))
+    return tuple(sorted(parsed))
+
+
+def _check_policy(values: dict[str, Any], problems: list[str]) -> None:
+    """Rules between [policy] keys: the low watermark must stop below where high starts."""
+    high = values.get("disk_high", PolicySettings().disk_high)
+    low = values.get("disk_low", PolicySettings().disk_low)
+    if high is not None and low is None:
+        problems.append('policy.disk_low: "off" needs disk_high = "off" too')
+    elif high is not None and low is not None:
+        from .disk import check_watermarks
+
+        try:
+            check_watermarks(high, low)
+        except ValueError as error:
+            if "disk_low" in values:
+                problems.append(f"policy.disk_low: {error}")
+            else:
+                problems.append(
+                    f"policy.disk_high: {error} (disk_low is at its default; set it too)"
+                )
+
+
 # section -> key -> (attribute, converter)
 _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "api": {
@@ -200,6 +358,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "docker": {
         "url": ("url", docker_url),
         "image_prefixes": ("image_prefixes", image_prefixes),
+        "data_root": ("data_root", optional_absolute_path),
+        "dangling_label": ("dangling_label", label_selector),
     },
     "policy": {
         "ttl": ("ttl_seconds", duration_seconds),
@@ -207,9 +367,15 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_size": ("max_size_bytes", size_bytes),
         "interval": ("interval_seconds", positive_duration_seconds),
         "min_age": ("min_age_seconds", duration_seconds),
+        "disk_high": ("disk_high", watermark),
+        "disk_low": ("disk_low", watermark),
+        "disk_interval": ("disk_interval_seconds", positive_duration_seconds),
+        "size_accounting": ("size_accounting", size_accounting),
+        # "projects" is a table of tables, parsed by _project_limits
     },
     "journal": {"path": ("path", absolute_path)},
     "sentry": {"dsn": ("dsn", text), "environment": ("environment", text)},
+    "metrics": {"listen": ("listen", listen_address)},
 }
 _SECTION_TYPES = {
     "api": ApiSettings,
@@ -217,6 +383,7 @@ _SECTION_TYPES = {
     "policy": PolicySettings,
     "journal": JournalSettings,
     "sentry": SentrySettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -233,8 +400,12 @@ def parse_settings(document: dict[str, Any]) -> Settings:
             continue
         values: dict[str, Any] = {}
         for key, raw in table.items():
+            if section == "policy" and key == "projects":
+                continue  # needs the global limits: parsed below
             if key not in _SCHEMA[section]:
-                known = ", ".join(_SCHEMA[section])
+                known = ", ".join(
+                    [*_SCHEMA[section], *(["projects"] if section == "policy" else [])]
+                )
                 problems.append(f"{section}.{key}: unknown key (known: {known})")
                 continue
             attribute, convert = _SCHEMA[section][key]
@@ -242,6 +413,10 @@ def parse_settings(document: dict[str, Any]) -> Settings:
                 values[attribute] = convert(raw)
             except ValueError as error:
                 problems.append(f"{section}.{key}: {error}")
+        if section == "policy":
+            if "projects" in table:
+                values["projects"] = _project_limits(table["projects"], values, problems)
+            _check_policy(values, problems)
         sections[section] = values
     if problems:
         raise ConfigError(problems)

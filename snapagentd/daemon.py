@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import stat
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,18 @@ from .api import SERVICES, Services, create_app, status_document
 from .config import ConfigError, Settings, load_settings
 from .connections import ConnectionGuard
 from .docker_ops import DockerGateway
+from .events import ContainerUse, EventFollower
 from .evictor import Evictor
 from .journal import Journal
+from .metrics import (
+    DiskGauges,
+    Metrics,
+    ProjectGauges,
+    StateGauges,
+    metrics_handler,
+    start_metrics_site,
+)
+from .models import utcnow
 from .notify import Notifier
 from .paths import UntrustedDirectory, check_trusted_directory
 from .registry import Registry
@@ -65,13 +76,19 @@ def status_line(services: Services) -> str:
 
 
 def build_app(
-    settings: Settings, notifier: Notifier, guard: ConnectionGuard | None = None
+    settings: Settings,
+    notifier: Notifier,
+    guard: ConnectionGuard | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     try:
         allowed_gids = group_ids(settings.api.allowed_groups)
     except KeyError as error:
         raise StartupError(f"api.allowed_groups: no such group {error.args[0]!r}") from None
     app = create_app()
+    metrics = metrics if metrics is not None else Metrics()
+    app.middlewares.insert(0, metrics.middleware())  # outside errors_as_json: final statuses
+    app.router.add_get("/metrics", metrics_handler(metrics))  # behind peer_check, as the API
     if guard is not None:
         app.middlewares.insert(0, guard.middleware())  # first: every request disarms it
     app.middlewares.append(peer_check(allowed_gids))  # inside errors_as_json: 403 is JSON
@@ -79,6 +96,7 @@ def build_app(
     async def services_context(app: web.Application) -> AsyncIterator[None]:
         state = RegistryState()
         journal = Journal(settings.journal.path, state)
+        journal.on_fsync = metrics.observe_fsync
         try:
             journal.load()
             journal.compact_now()
@@ -87,8 +105,17 @@ def build_app(
             raise StartupError(str(error)) from None
         docker = DockerGateway(settings.docker)
         registry = Registry(state, journal, docker)
-        evictor = Evictor(registry, docker, settings.policy)
+        evictor = Evictor(
+            registry,
+            docker,
+            settings.policy,
+            dangling_label=settings.docker.dangling_label,
+            data_root=settings.docker.data_root,
+        )
         services = Services(settings, registry, evictor)
+        services.metrics = evictor.metrics = metrics
+        evictor.on_report = lambda report: note_eviction(metrics, report)
+        metrics.set_state_reader(lambda: state_gauges(services))
         app[SERVICES] = services
         # Reconcile with Docker and apply the policy once, before serving anyone.
         await evictor.run_quietly("start")
@@ -101,8 +128,12 @@ def build_app(
 
     async def background_context(app: web.Application) -> AsyncIterator[None]:
         services = app[SERVICES]
+        follower = services.events = follow_events(services)
         tasks = [
+            asyncio.ensure_future(follower.run()),
             asyncio.ensure_future(services.evictor.run_periodically()),
+            asyncio.ensure_future(services.evictor.watch_disk()),
+            asyncio.ensure_future(services.evictor.measure_after_start()),
             asyncio.ensure_future(watch_docker(services, notifier)),
         ]
         interval = notifier.watchdog_interval()
@@ -117,6 +148,72 @@ def build_app(
 
     app.cleanup_ctx.extend([services_context, background_context])
     return app
+
+
+def follow_events(services: Services) -> EventFollower:
+    """The engine's event stream, feeding last use; a reconnect reconciles what it missed."""
+    registry, evictor = services.registry, services.evictor
+    recording: set[asyncio.Task[None]] = set()
+
+    async def record(use: ContainerUse) -> None:
+        try:
+            await registry.note_use(use.image, use.at)
+        except Exception as error:  # a failed touch only loses one last-use time
+            log.warning("could not record the use of %s: %s", use.image, error)
+
+    def on_use(use: ContainerUse) -> None:
+        task = asyncio.ensure_future(record(use))
+        recording.add(task)
+        task.add_done_callback(recording.discard)
+
+    async def on_connected(first: bool) -> None:
+        if not first:  # the start-up run already reconciled for the first connection
+            await evictor.run_quietly("events-reconnected")
+
+    return EventFollower(services.settings.docker.url, on_use, on_connected)
+
+
+def note_eviction(metrics: Metrics, report: Any) -> None:
+    """A run finished: its time is the last eviction's when it ran to the end."""
+    if report.error is None and report.finished_at is not None:
+        metrics.set_last_eviction(report.finished_at)
+
+
+def state_gauges(services: Services) -> StateGauges:
+    """The metrics' state gauges, from the daemon's memory (at each scrape: keep it cheap)."""
+    state, evictor = services.registry.state, services.evictor
+    counts = Counter(snapshot.project for snapshot in state.entries.values())
+    sizes: dict[str, dict[str, int]] = {}  # project -> image id -> Docker's Size
+    for snapshot in state.entries.values():
+        sizes.setdefault(snapshot.project, {})[snapshot.image_id] = snapshot.size_bytes or 0
+    projects = {
+        project: ProjectGauges(
+            snapshots=counts[project],
+            virtual_bytes=sum(by_id.values()),
+            unique_bytes=evictor.layers.reclaimable_bytes(by_id),
+        )
+        for project, by_id in sizes.items()
+    }
+    reading = evictor.disk.last
+    measured = reading.pressure if reading is not None else None
+    disk = None
+    if reading is not None and measured is not None:
+        disk = DiskGauges(
+            path=reading.path,
+            total_bytes=measured.usage.total_bytes,
+            free_bytes=measured.usage.free_bytes,
+            high_free_bytes=measured.high_free_bytes,
+            low_free_bytes=measured.low_free_bytes,
+        )
+    now = utcnow()
+    return StateGauges(
+        projects=projects,
+        pending_removal=len(state.pending),
+        leases=sum(1 for lease in state.leases.values() if lease.expires_at > now),
+        docker_up=services.registry.docker.reachable,
+        events_connected=bool(getattr(services.events, "connected", False)),
+        disk=disk,
+    )
 
 
 async def watch_docker(services: Services, notifier: Notifier) -> None:
@@ -260,11 +357,22 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
         api = settings.api
         sock = bind_unix_socket(api.socket, api.socket_mode, api.socket_group)
     guard = ConnectionGuard(MAX_CONNECTIONS, FIRST_REQUEST_SECONDS)
-    app = build_app(settings, notifier, guard)
+    metrics = Metrics()
+    app = build_app(settings, notifier, guard, metrics)
     runner = make_runner(app)
+    metrics_runner: web.AppRunner | None = None
     try:
         await runner.setup()  # journal replay, Docker reconcile, first eviction
         await _site(runner, sock, guard).start()
+        if settings.metrics.listen:
+            try:
+                metrics_runner = await start_metrics_site(metrics, settings.metrics.listen)
+            except OSError as error:
+                raise StartupError(
+                    f"metrics.listen: cannot listen on {settings.metrics.listen!r}: "
+                    f"{error.strerror or error}"
+                ) from None
+            log.info("metrics on http://%s/metrics", settings.metrics.listen)
         services: Services = app[SERVICES]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -280,6 +388,8 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
         log.info("stopping: finishing in-flight requests")
         notifier.stopping()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         sock.close()
         if bound_here:
@@ -302,7 +412,7 @@ def reload_policy(
         services.evictor.policy = settings.policy
         changed = [
             name
-            for name in ("api", "docker", "journal", "sentry")
+            for name in ("api", "docker", "journal", "sentry", "metrics")
             if getattr(settings, name) != getattr(services.settings, name)
         ]
         if changed:

@@ -39,6 +39,15 @@ class ImageInfo:
     tags: tuple[str, ...]
     size_bytes: int | None
     created_at: datetime
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Containers:
+    """What the containers say about images: which are in use, and when each was last used."""
+
+    in_use_ids: frozenset[str]
+    last_use_by_id: dict[str, datetime]  # the newest container's creation time, per image
 
 
 class DockerGateway:
@@ -66,6 +75,10 @@ class DockerGateway:
                     base_url=self.url, version="auto", timeout=API_TIMEOUT_SECONDS
                 )
             return self._client
+
+    async def call(self, function: Callable[[docker.APIClient], T]) -> T:
+        """Run `function(api)` in a worker thread (for modules with Docker queries of their own)."""
+        return await self._call(function)
 
     async def _call(self, function: Callable[[docker.APIClient], T]) -> T:
         """Run `function(api)` in a thread; connection trouble becomes DockerUnavailable."""
@@ -141,14 +154,32 @@ class DockerGateway:
                 tags=tuple(tag for tag in row.get("RepoTags") or () if tag != "<none>:<none>"),
                 size_bytes=row.get("Size"),
                 created_at=datetime.fromtimestamp(row.get("Created", 0), UTC),
+                labels=tuple(sorted((row.get("Labels") or {}).items())),
             )
             for row in rows
         ]
 
     async def in_use_image_ids(self) -> frozenset[str]:
         """Images used by any container, running or stopped (removal would be refused)."""
+        return (await self.containers()).in_use_ids
+
+    async def containers(self) -> Containers:
+        """Every container's image: the in-use set, and each image's latest container."""
         rows = await self._call(lambda api: api.containers(all=True))
-        return frozenset(row["ImageID"] for row in rows if row.get("ImageID"))
+        last_use: dict[str, datetime] = {}
+        for row in rows:
+            image_id, created = row.get("ImageID"), row.get("Created")
+            if not image_id:
+                continue
+            moment = datetime.fromtimestamp(created if isinstance(created, int) else 0, UTC)
+            if image_id not in last_use or last_use[image_id] < moment:
+                last_use[image_id] = moment
+        return Containers(frozenset(last_use), last_use)
+
+    async def data_root(self) -> str:
+        """Docker's data root (DockerRootDir), the directory whose filesystem fills up."""
+        info = await self._call(lambda api: api.info())
+        return str(info.get("DockerRootDir") or "")
 
     # --- removal --------------------------------------------------------------------------
 
@@ -161,6 +192,31 @@ class DockerGateway:
             # Unreachable through the API (which refuses such images); kept as a last guard.
             raise ValueError(f"refusing to remove unmanaged image {snapshot.image!r}")
         return await self._call(lambda api: _remove(api, snapshot.image, snapshot.image_id))
+
+    async def remove_dangling(self, image_id: str) -> RemovalResult:
+        """Remove an image by id only if it still has no tag at all (a leaked layer).
+
+        An image that gained a tag meanwhile is someone's again: KEPT, never untagged.
+        """
+        return await self._call(lambda api: _remove_dangling(api, image_id))
+
+
+def _remove_dangling(api: docker.APIClient, image_id: str) -> RemovalResult:
+    try:
+        tags = api.inspect_image(image_id).get("RepoTags") or []
+    except docker.errors.NotFound:
+        return RemovalResult.ALREADY_GONE
+    if [t for t in tags if t != "<none>:<none>"]:
+        return RemovalResult.KEPT
+    try:
+        api.remove_image(image_id, force=False, noprune=False)
+    except docker.errors.APIError as error:
+        if error.status_code == 404:
+            return RemovalResult.ALREADY_GONE
+        if error.status_code == 409:
+            return RemovalResult.IN_USE
+        raise
+    return RemovalResult.REMOVED
 
 
 def _remove(api: docker.APIClient, tag: str, image_id: str) -> RemovalResult:

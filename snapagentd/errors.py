@@ -36,6 +36,10 @@ class SnapshotNotFound(Fault):
     code, status = "snapshot-not-found", 404
 
 
+class LeaseNotFound(Fault):
+    code, status = "lease-not-found", 404
+
+
 class RouteNotFound(Fault):
     code, status = "not-found", 404
 

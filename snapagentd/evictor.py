@@ -1,14 +1,18 @@
 """Eviction runs: reconcile with Docker, apply the policy, remove what it chose.
 
-One run at a time. Runs happen at start, on every `interval` tick, on `POST /v1/evict` and when
-Docker comes back. Removals of superseded or expired images requested by the API go through the
-same removal path in the background, so registration never waits for Docker to delete anything.
+One run at a time. Runs happen at start, on every `interval` tick, on `POST /v1/evict`, when
+Docker or its event stream comes back, and when the disk is above its high watermark (checked
+every `disk_interval` and after each registration). Removals of superseded or expired images
+requested by the API go through the same removal path in the background, so registration
+never waits for Docker to delete anything. Each run also removes leaked layers: dangling
+images an entry once referenced (or carrying the configured label).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,10 +21,12 @@ import docker.errors
 
 from . import telemetry
 from .config import PolicySettings
-from .docker_ops import DockerGateway, DockerUnavailable
+from .diskwatch import DiskWatch
+from .docker_ops import DockerGateway, DockerUnavailable, ImageInfo
 from .errors import DockerUnreachable
-from .models import RemovalResult, format_time, utcnow
-from .policy import plan_eviction
+from .layers import LayerIndex
+from .models import DISCOVERED_PROJECT, Reason, RemovalResult, Snapshot, Source, format_time, utcnow
+from .policy import Plan, plan_eviction
 from .registry import Registry
 from .state import PendingRemoval
 
@@ -33,13 +39,27 @@ REMOVAL_CONCURRENCY = 4  # Docker serialises much of image deletion; more thread
 class Outcome:
     removal: PendingRemoval
     result: RemovalResult
+    unique_bytes: int | None = None  # what the image alone held (freed if removed), if known
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.removal.snapshot.to_json(),
+            "unique_bytes": self.unique_bytes,
             "reason": self.removal.reason.value,
             "result": self.result.value,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Explained:
+    """A dry run: the plan, with the facts it was made from."""
+
+    plan: Plan
+    pending: list[PendingRemoval]
+    unique_bytes: dict[str, int]
+    leased_ids: frozenset[str]
+    in_use_ids: frozenset[str]
+    bytes_to_free: int
 
 
 @dataclass
@@ -49,6 +69,11 @@ class EvictionReport:
     finished_at: datetime | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     error: str | None = None
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        removed = (o for o in self.outcomes if o.result is RemovalResult.REMOVED)
+        return sum(o.unique_bytes or 0 for o in removed)
 
     def to_json(self) -> dict[str, Any]:
         counts = {result: 0 for result in RemovalResult}
@@ -62,26 +87,50 @@ class EvictionReport:
             "in_use": counts[RemovalResult.IN_USE],
             "already_gone": counts[RemovalResult.ALREADY_GONE],
             "failed": counts[RemovalResult.FAILED],
+            "leased": counts[RemovalResult.LEASED],
+            "reclaimed_bytes": self.reclaimed_bytes,
             "error": self.error,
         }
 
 
 class Evictor:
-    def __init__(self, registry: Registry, docker: DockerGateway, policy: PolicySettings) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        docker: DockerGateway,
+        policy: PolicySettings,
+        dangling_label: str = "",
+        data_root: str = "",
+    ) -> None:
         self.registry = registry
         self.docker = docker
         self.policy = policy
+        self.dangling_label = dangling_label
+        self.layers = LayerIndex()
+        self.disk = DiskWatch(docker, data_root)
         self.last_report: EvictionReport | None = None
+        self.managed_unique: int | None = None  # bytes only the snapshots hold, at the last run
+        self._unique: dict[str, int] = {}  # unique bytes per image id, as of the last refresh
+        self._sized = False  # layers measured at least once (the size and disk rules need it)
+        self._disk_check: asyncio.Task[None] | None = None
+        # Called with each report once its run has finished (the last eviction's time).
+        self.on_report: Any = None
+        self.metrics: Any = None  # metrics.Metrics: counts every removal outcome
         self._run_lock = asyncio.Lock()
         self._removal_slots = asyncio.Semaphore(REMOVAL_CONCURRENCY)
         self._background: set[asyncio.Task[Any]] = set()
 
-    async def run(self, trigger: str, dry_run: bool = False) -> list[Outcome]:
-        """One eviction run. Raises DockerUnreachable when Docker cannot be asked."""
+    async def run(self, trigger: str) -> list[Outcome]:
+        """One eviction run. Raises DockerUnreachable when Docker cannot be asked.
+
+        The start-up run ("start", before READY=1) does not measure layers: two Docker calls
+        per image (0.6 s for 200 images here) would delay READY, and without unique bytes it
+        applies only TTL and count; the first run after READY measures and applies the rest.
+        """
         async with self._run_lock:
             report = EvictionReport(trigger, utcnow())
             try:
-                outcomes = await self._run(dry_run)
+                report.outcomes = await self._run(measure=trigger != "start")
             except DockerUnavailable as error:
                 report.error = f"Docker is not reachable: {error}"
                 raise DockerUnreachable(report.error) from None
@@ -90,32 +139,172 @@ class Evictor:
                 raise
             finally:
                 report.finished_at = utcnow()
-                if not dry_run:
-                    self.last_report = report
-            report.outcomes = outcomes
-            if not dry_run:
+                self.last_report = report
                 self._log(report)
-            return outcomes
+                if self.on_report is not None:
+                    self.on_report(report)
+            return report.outcomes
 
-    async def _run(self, dry_run: bool) -> list[Outcome]:
+    async def explain(self) -> Explained:
+        """A dry run: what a run would remove now and what protects the rest; removes nothing
+        (it reconciles with Docker first, as a run does, so the plan is about the real disk)."""
+        async with self._run_lock:
+            _images, containers, plan, pressure_bytes = await self._plan()
+            return Explained(
+                plan=plan,
+                pending=self.registry.pending(),
+                unique_bytes=dict(self._unique),
+                leased_ids=self.registry.state.leased_ids(utcnow()),
+                in_use_ids=containers,
+                bytes_to_free=pressure_bytes,
+            )
+
+    async def _plan(
+        self, measure: bool = True
+    ) -> tuple[list[ImageInfo], frozenset[str], Plan, int]:
         images = await self.docker.list_images()
-        in_use = await self.docker.in_use_image_ids()
+        containers = await self.docker.containers()
         await self.registry.reconcile(images)
-        victims = plan_eviction(self.registry.state.entries.values(), in_use, utcnow(), self.policy)
-        if dry_run:
-            planned = [PendingRemoval(v.snapshot, v.reason, utcnow()) for v in victims]
-            planned += self.registry.pending()
-            return [Outcome(p, RemovalResult.PLANNED) for p in planned]
-        await self.registry.retire(victims)
-        return await self.remove(self.registry.pending(), in_use)
+        # Events can be lost (short backlog, slow subscribers): containers tell the rest.
+        await self.registry.note_last_uses(containers.last_use_by_id)
+        if measure:
+            await self._refresh_layers(images)
+        pressure = await self.disk.measure(self.policy)
+        bytes_to_free = pressure.bytes_to_free if pressure is not None else 0
+        now = utcnow()
+        entries = self.registry.state.entries
+        self.managed_unique = self.layers.reclaimable_bytes({s.image_id for s in entries.values()})
+        plan = plan_eviction(
+            entries.values(),
+            containers.in_use_ids,
+            now,
+            self.policy,
+            leased_ids=self.registry.state.leased_ids(now),
+            image_bytes=self.image_bytes(),
+            bytes_to_free=bytes_to_free,
+            sizes_known=self._sized or self.policy.size_accounting == "virtual",
+        )
+        return images, containers.in_use_ids, plan, bytes_to_free
+
+    async def _run(self, measure: bool) -> list[Outcome]:
+        images, in_use, plan, _bytes_to_free = await self._plan(measure)
+        await self.registry.prune_leases(utcnow())
+        await self.registry.retire(plan.victims)
+        outcomes = await self.remove(self.registry.pending(), in_use)
+        handled = {outcome.removal.snapshot.image_id for outcome in outcomes}
+        outcomes += await self._remove_leaked(images, in_use | handled)
+        if measure and any(o.result.confirmed_gone for o in outcomes):
+            # A base the removed images shared may now be held by one snapshot alone.
+            await self._refresh_layers(await self.docker.list_images())
+        entries = self.registry.state.entries.values()
+        self.managed_unique = self.layers.reclaimable_bytes({s.image_id for s in entries})
+        return outcomes
+
+    async def _refresh_layers(self, images: list[ImageInfo]) -> None:
+        """Layer chains for unique bytes; a failure leaves the registered sizes in charge."""
+        try:
+            await self.layers.refresh(self.docker.call, [image.id for image in images])
+        except docker.errors.APIError as error:
+            waiting = "keeping the last measurement" if self._sized else "size and disk rules wait"
+            log.warning("layer sizes: %s; %s", error, waiting)
+        else:
+            self._sized = True
+        self._unique = self.layers.unique_bytes()
+
+    def unique_of(self, image_id: str) -> int | None:
+        """The bytes only this image holds (None until a run has sized it)."""
+        return self._unique.get(image_id)
+
+    def image_bytes(self) -> dict[str, int]:
+        """Bytes per image id the size cap and the disk rule count, by size_accounting."""
+        if self.policy.size_accounting == "unique":
+            return self._unique
+        return {}  # virtual: each snapshot's registered size (Docker's Size)
+
+    async def _remove_leaked(self, images: list[ImageInfo], skip: frozenset[str]) -> list[Outcome]:
+        """Remove dangling images an entry once referenced, or that carry dangling_label.
+
+        `skip`: images in use, and those this run's removals already dealt with.
+        """
+        state = self.registry.state
+        busy = skip | state.leased_ids(utcnow()) | {ref[1] for ref in state.pending}
+        removals = []
+        for image in images:
+            if image.tags or image.id in busy or state.with_id(image.id):
+                continue
+            known_tag = state.known_images.get(image.id)
+            if known_tag is None and not self._labelled(image):
+                continue
+            placeholder = Snapshot(
+                project=DISCOVERED_PROJECT,
+                work_item=image.id,
+                image=known_tag or "<none>:<none>",
+                image_id=image.id,
+                size_bytes=image.size_bytes,
+                created_at=image.created_at,
+                last_used_at=None,
+                source=Source.DISCOVERED,
+            )
+            removals.append(PendingRemoval(placeholder, Reason.LEAKED, utcnow()))
+        outcomes = await asyncio.gather(*(self._remove_dangling(p) for p in removals))
+        self._count(outcomes)
+        gone = [o.removal.snapshot.image_id for o in outcomes if o.result.confirmed_gone]
+        await self.registry.forget([i for i in gone if i in state.known_images])
+        return list(outcomes)
+
+    def _labelled(self, image: ImageInfo) -> bool:
+        if not self.dangling_label:
+            return False
+        key, sep, value = self.dangling_label.partition("=")
+        labels = dict(image.labels)
+        return key in labels and (not sep or labels[key] == value)
+
+    async def _remove_dangling(self, removal: PendingRemoval) -> Outcome:
+        image_id = removal.snapshot.image_id
+        freed = self._unique.get(image_id)
+        async with self._removal_slots:
+            try:
+                result = await self.docker.remove_dangling(image_id)
+            except DockerUnavailable as error:
+                log.warning("remove leaked %s: Docker is not reachable: %s", image_id[:19], error)
+                self._count_failure(error)
+                result = RemovalResult.FAILED
+            except docker.errors.APIError as error:
+                log.warning("remove leaked %s failed, will retry: %s", image_id[:19], error)
+                self._count_failure(error)
+                telemetry.capture_removal_failure(removal.snapshot, error)
+                result = RemovalResult.FAILED
+        return Outcome(removal, result, freed)
 
     async def remove(
         self, removals: list[PendingRemoval], in_use: frozenset[str] = frozenset()
     ) -> list[Outcome]:
-        """Ask Docker to remove each image (bounded concurrency); forget those confirmed gone."""
-        outcomes = await asyncio.gather(*(self._remove_one(p, in_use) for p in removals))
+        """Ask Docker to remove each image (bounded concurrency); forget those confirmed gone.
+
+        A leased image is not asked for: it stays pending until its lease ends.
+        """
+        leased = self.registry.state.leased_ids(utcnow())
+        outcomes = await asyncio.gather(*(self._remove_one(p, in_use, leased) for p in removals))
+        self._count(outcomes)
         await self.registry.confirm_gone([o.removal for o in outcomes if o.result.confirmed_gone])
         return list(outcomes)
+
+    def _count(self, outcomes: Iterable[Outcome]) -> None:
+        """Every removal outcome, whoever asked (runs, the API's background removals)."""
+        if self.metrics is None:
+            return
+        for outcome in outcomes:
+            removed = outcome.result is RemovalResult.REMOVED
+            freed = (outcome.unique_bytes or 0) if removed else 0
+            self.metrics.count_removal(outcome.removal.reason.value, outcome.result.value, freed)
+
+    def _count_failure(self, error: BaseException) -> None:
+        if self.metrics is None:
+            return
+        if isinstance(error, DockerUnavailable):
+            self.metrics.count_removal_failure("unreachable")
+        else:  # APIError: Docker's HTTP status; anything else has none
+            self.metrics.count_removal_failure(str(getattr(error, "status_code", None) or "error"))
 
     def remove_soon(self, removals: list[PendingRemoval]) -> None:
         """Start removals without waiting (superseded or expired images found by the API)."""
@@ -130,17 +319,24 @@ class Evictor:
         except Exception as error:  # the next run retries; never lose the task's error
             log.warning("background removal failed, will retry on the next run: %s", error)
 
-    async def _remove_one(self, removal: PendingRemoval, in_use: frozenset[str]) -> Outcome:
+    async def _remove_one(
+        self, removal: PendingRemoval, in_use: frozenset[str], leased: frozenset[str]
+    ) -> Outcome:
         snapshot = removal.snapshot
+        if snapshot.image_id in leased:
+            return Outcome(removal, RemovalResult.LEASED)
         if snapshot.image_id in in_use:
             return Outcome(removal, RemovalResult.IN_USE)  # Docker would refuse: don't ask
+        freed = self._unique.get(snapshot.image_id)
         async with self._removal_slots:
             try:
                 result = await self.docker.remove(snapshot)
             except DockerUnavailable as error:
                 log.warning("remove %s: Docker is not reachable: %s", snapshot.image, error)
+                self._count_failure(error)
                 result = RemovalResult.FAILED
             except (docker.errors.APIError, ValueError) as error:
+                self._count_failure(error)
                 log.warning(
                     "remove %s (%s) failed, will retry: %s",
                     snapshot.image,
@@ -151,7 +347,7 @@ class Evictor:
                 result = RemovalResult.FAILED
         if result is RemovalResult.IN_USE:
             log.info("remove %s: in use by a container, will retry", snapshot.image)
-        return Outcome(removal, result)
+        return Outcome(removal, result, freed)
 
     def _log(self, report: EvictionReport) -> None:
         summary = report.to_json()
@@ -173,6 +369,50 @@ class Evictor:
                     outcome.removal.snapshot.image_id[:19],
                     outcome.removal.reason.value,
                 )
+
+    async def measure_after_start(self) -> None:
+        """Right after READY=1: measure the layers the start-up run skipped, and run the size
+        and disk rules at once if they have anything to do (else they wait for the timer)."""
+        try:
+            explained = await self.explain()
+        except DockerUnavailable:
+            return  # the Docker watch runs an eviction when the engine answers
+        except Exception as error:
+            log.exception("measuring layers after start-up failed")
+            telemetry.capture_exception(error)
+            return
+        if any(v.reason in (Reason.SIZE, Reason.DISK) for v in explained.plan.victims):
+            await self.run_quietly("sizes-measured")
+
+    def managed_unique_bytes(self) -> int | None:
+        """What removing every snapshot would free, as of the last run (None before one)."""
+        return self.managed_unique
+
+    def check_disk_soon(self) -> None:
+        """Measure the disk now (without waiting) and run an eviction if it is above high."""
+        if self._disk_check is None or self._disk_check.done():
+            self._disk_check = asyncio.ensure_future(self._check_disk(fresh_enough=1.0))
+            self._background.add(self._disk_check)
+            self._disk_check.add_done_callback(self._background.discard)
+
+    async def _check_disk(self, fresh_enough: float = 0.0) -> None:
+        if self._run_lock.locked():
+            return  # a run is under way; it measures the disk itself
+        if self.disk.measured_within(fresh_enough):
+            return  # registrations come in bursts: one statvfs a second is plenty
+        pressure = await self.disk.measure(self.policy)
+        if pressure is not None and pressure.above_high:
+            await self.run_quietly("disk")
+
+    async def watch_disk(self) -> None:
+        """The disk timer: a statvfs every disk_interval, a run only above the high mark."""
+        while True:
+            await asyncio.sleep(self.policy.disk_interval_seconds)
+            try:
+                await self._check_disk()
+            except Exception as error:  # never let the watch die; the timer runs retry
+                log.exception("disk check failed")
+                telemetry.capture_exception(error)
 
     async def run_periodically(self) -> None:
         """The eviction timer; a failing run is logged and the next tick tries again."""

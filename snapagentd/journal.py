@@ -13,7 +13,8 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +22,8 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
-KNOWN_OPS = frozenset({"put", "touch", "retire", "gone"})  # the record types state.py applies
+# The record types state.py applies.
+KNOWN_OPS = frozenset({"put", "touch", "retire", "gone", "lease", "release", "known", "forget"})
 # Compact once the file holds this many records more than the live state needs.
 COMPACT_SLACK = 1000
 REWRITE_CHUNK = 1000  # records encoded per write while compacting
@@ -113,6 +115,8 @@ class Journal:
         self._flusher: asyncio.Task[None] | None = None
         self._io_lock = asyncio.Lock()
         self._compaction: asyncio.Task[None] | None = None
+        # Called with the seconds of each write+fsync of appended records (the metrics).
+        self.on_fsync: Callable[[float], None] | None = None
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -221,6 +225,7 @@ class Journal:
 
     def _write_durably(self, data: bytes) -> None:
         """Write and fsync; on failure cut the file back so no partial record remains."""
+        started = time.perf_counter()
         try:
             write_all(self._fd, data)
             os.fsync(self._fd)
@@ -231,6 +236,8 @@ class Journal:
                 log.error("cannot cut back a failed write: %s", error)
             raise
         self._size += len(data)
+        if self.on_fsync is not None:  # in the writer thread: the metrics are thread-safe
+            self.on_fsync(time.perf_counter() - started)
 
     # --- compaction -----------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ REQUEST_BUCKETS = (
 )  # fmt: skip
 # The labels evictions_total starts at 0 with, so rate() and increase() see the first one.
 REASONS = ("ttl", "count", "size", "disk", "superseded", "invalidated", "repointed", "leaked")
-RESULTS = ("removed", "in-use", "already-gone", "failed", "leased")
+RESULTS = ("removed", "in-use", "already-gone", "failed", "leased", "kept")
 UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 

@@ -30,6 +30,8 @@ class Reason(StrEnum):
     SUPERSEDED = "superseded"  # a newer image was registered for the same key or tag
     INVALIDATED = "invalidated"  # DELETE /v1/snapshots
     REPOINTED = "repointed"  # its tag now names another image: ours is dangling
+    DISK = "disk"  # the filesystem of Docker's data root is above the high watermark
+    LEAKED = "leaked"  # a dangling image an entry once referenced, or carrying the label
 
 
 class RemovalResult(StrEnum):
@@ -39,6 +41,7 @@ class RemovalResult(StrEnum):
     FAILED = "failed"
     PLANNED = "planned"
     KEPT = "kept"  # not removed: another entry still holds the same tag and image
+    LEASED = "leased"  # not removed yet: a lease protects the image; retried after it ends
 
     @property
     def confirmed_gone(self) -> bool:

@@ -9,21 +9,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from .docker_ops import DockerGateway, DockerUnavailable, ImageInfo
-from .errors import DockerUnreachable, ImageNotFound, ImageNotManaged, JournalFailed
+from .errors import (
+    DockerUnreachable,
+    ImageNotFound,
+    ImageNotManaged,
+    JournalFailed,
+    LeaseNotFound,
+    SnapshotNotFound,
+)
 from .journal import Journal, JournalUnavailable
-from .models import DISCOVERED_PROJECT, Key, Reason, Snapshot, Source, Victim, utcnow
+from .models import (
+    DISCOVERED_PROJECT,
+    Key,
+    Reason,
+    Snapshot,
+    Source,
+    Victim,
+    normalise_reference,
+    utcnow,
+)
 from .state import (
+    Lease,
     PendingRemoval,
     RegistryState,
+    forget_record,
     gone_record,
+    lease_record,
     put_record,
+    release_record,
     retire_record,
     touch_record,
 )
@@ -127,6 +148,69 @@ class Registry:
         await self._commit([touch_record(snapshot, now)])
         return Lookup(self.state.entries.get(key), [])
 
+    async def lease(self, key: Key, seconds: int) -> Lease:
+        """Protect the entry's current image from every eviction for `seconds`."""
+        snapshot = self.state.entries.get(key)
+        if snapshot is None:
+            raise SnapshotNotFound(
+                f"no snapshot for project {key[0]!r}, work item {key[1]!r} to lease"
+            )
+        lease = Lease(
+            id=secrets.token_hex(12),
+            project=key[0],
+            work_item=key[1],
+            image_id=snapshot.image_id,
+            expires_at=utcnow() + timedelta(seconds=seconds),
+        )
+        await self._commit([lease_record(lease)])
+        return lease
+
+    async def release(self, lease_id: str) -> Lease:
+        """End a lease early; its image may be evicted again."""
+        lease = self.state.leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r} (it may have expired and been pruned)")
+        await self._commit([release_record(lease_id)])
+        return lease
+
+    async def prune_leases(self, now: datetime) -> None:
+        """Journal the end of leases that have expired (they protect nothing already)."""
+        ended = [lease.id for lease in self.state.leases.values() if lease.expires_at <= now]
+        if ended:
+            await self._commit([release_record(lease_id) for lease_id in ended])
+
+    async def note_use(self, image: str, moment: datetime) -> int:
+        """A container was created or started from `image` (a tag, an id or a short id):
+        mark the entries holding that image used. Returns how many were touched."""
+        snapshots: list[Snapshot] = []
+        if image.startswith("sha256:"):
+            snapshots = self.state.with_id(image)
+        elif len(image) >= 12 and all(c in "0123456789abcdef" for c in image):
+            for image_id in self.state.ids_with_prefix(f"sha256:{image}"):
+                snapshots += self.state.with_id(image_id)
+        if not snapshots and self.docker.is_managed(normalise_reference(image)):
+            snapshots = self.state.with_tag(normalise_reference(image))
+        fresh = [s for s in snapshots if s.last_used_at is None or s.last_used_at < moment]
+        if fresh:
+            await self._commit([touch_record(s, moment) for s in fresh])
+        return len(fresh)
+
+    async def note_last_uses(self, last_use_by_id: dict[str, datetime]) -> None:
+        """Containers seen at reconcile time: an entry is used no later than its newest one."""
+        records = [
+            touch_record(snapshot, moment)
+            for image_id, moment in last_use_by_id.items()
+            for snapshot in self.state.with_id(image_id)
+            if snapshot.last_used_at is None or snapshot.last_used_at < moment
+        ]
+        if records:
+            await self._commit(records)
+
+    async def forget(self, image_ids: Collection[str]) -> None:
+        """Docker no longer has these formerly referenced images: stop watching for them."""
+        if image_ids:
+            await self._commit([forget_record(image_id) for image_id in image_ids])
+
     async def _lost_image(self, snapshot: Snapshot) -> Lookup:
         """The entry's tag is gone or names another image: drop it, removing ours if dangling."""
         if await self.docker.inspect(snapshot.image_id) is None:
@@ -171,6 +255,11 @@ class Registry:
         for pending in self.state.pending.values():
             if pending.snapshot.image_id not in image_ids:
                 records.append(gone_record(pending.snapshot.image, pending.snapshot.image_id))
+        # Images Docker no longer has need no watching for leaks (gone ones included: a gone
+        # record remembers its image id as known until a forget says Docker lacks it).
+        absent = {r["image_id"] for r in records if r["op"] == "gone"}
+        absent |= {i for i in self.state.known_images if i not in image_ids}
+        records += [forget_record(image_id) for image_id in sorted(absent)]
         for tag, image in tag_to_image.items():
             if (
                 not self.state.holders((tag, image.id))

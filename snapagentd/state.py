@@ -9,6 +9,11 @@ Records (journal.encode stamps each with its version "v"):
   touch   {"project","work_item","image_id","at"}   a lookup used the entry
   retire  {"snapshot","reason","at"}   the entry leaves; its image is pending removal
   gone    {"image","image_id"}         Docker confirmed that tag and image gone
+  lease   {"lease"}                    a router protects an entry's image until a time
+  release {"id"}                       the lease ended early, or expired and was pruned
+  known   {"image","image_id"}         an image entries referenced and no longer do (for leaked
+                                       layers); gone implies it, compaction writes it out
+  forget  {"image_id"}                 Docker has no such image any more: stop looking for it
 """
 
 from __future__ import annotations
@@ -29,6 +34,43 @@ from .models import (
     parse_time,
 )
 from .policy import total_size_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A router's promise to use an entry's image soon: no eviction may remove it meanwhile."""
+
+    id: str
+    project: str
+    work_item: str
+    image_id: str
+    expires_at: datetime
+
+    @property
+    def key(self) -> Key:
+        return (self.project, self.work_item)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project": self.project,
+            "work_item": self.work_item,
+            "image_id": self.image_id,
+            "expires_at": format_time(self.expires_at),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Lease:
+        expires_at = parse_time(data["expires_at"])
+        if expires_at is None:
+            raise ValueError("expires_at is missing")
+        return cls(
+            id=str(data["id"]),
+            project=str(data["project"]),
+            work_item=str(data["work_item"]),
+            image_id=str(data["image_id"]),
+            expires_at=expires_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,19 +113,41 @@ def gone_record(image: str, image_id: str) -> dict[str, Any]:
     return {"op": "gone", "image": image, "image_id": image_id}
 
 
+def lease_record(lease: Lease) -> dict[str, Any]:
+    return {"op": "lease", "lease": lease.to_json()}
+
+
+def release_record(lease_id: str) -> dict[str, Any]:
+    return {"op": "release", "id": lease_id}
+
+
+def known_record(image: str, image_id: str) -> dict[str, Any]:
+    return {"op": "known", "image": image, "image_id": image_id}
+
+
+def forget_record(image_id: str) -> dict[str, Any]:
+    return {"op": "forget", "image_id": image_id}
+
+
 class RegistryState:
-    """Live entries by key, and images pending removal by (tag, id)."""
+    """Live entries by key, images pending removal by (tag, id), leases, and known images."""
 
     def __init__(self) -> None:
         self.entries: dict[Key, Snapshot] = {}
         self.pending: dict[ImageRef, PendingRemoval] = {}
+        self.leases: dict[str, Lease] = {}
+        # Image ids entries referenced and no longer do (with a managed tag they had), until
+        # Docker no longer has them: a dangling one among them is a leaked layer to remove.
+        self.known_images: dict[str, str] = {}
+        self._keys_by_id: dict[str, set[Key]] = {}
         # Which keys hold a (tag, id), by tag then id: register asks for every entry under one
         # tag, which a flat (tag, id) index could only answer by scanning all of it.
         self._keys_by_tag: dict[str, dict[str, set[Key]]] = {}
         self._total_size: int | None = None  # cached total_size_bytes(); None: stale
 
     def __len__(self) -> int:
-        return len(self.entries) + len(self.pending)
+        """The number of records to_records writes (the journal asks after every commit)."""
+        return len(self.entries) + len(self.pending) + len(self.leases) + len(self.known_images)
 
     def apply(self, record: dict[str, Any]) -> None:
         """Apply one journal record. Raises KeyError/ValueError on a malformed one, unchanged."""
@@ -113,21 +177,42 @@ class RegistryState:
             # Another entry still holding this very tag and image keeps it: nothing to remove.
             if not self.holders(snapshot.ref):
                 self.pending[snapshot.ref] = pending
+                self.known_images.pop(snapshot.image_id, None)
         elif op == "gone":
             ref = (str(record["image"]), str(record["image_id"]))
             self.pending.pop(ref, None)
             for key in list(self.holders(ref)):
                 self._delete(key)
+            self._note_if_unreferenced(*ref)
+        elif op == "lease":
+            lease = Lease.from_json(record["lease"])
+            self.leases[lease.id] = lease
+        elif op == "release":
+            self.leases.pop(str(record["id"]), None)
+        elif op == "known":
+            self._note_if_unreferenced(str(record["image"]), str(record["image_id"]))
+        elif op == "forget":
+            self.known_images.pop(str(record["image_id"]), None)
         else:
             raise ValueError(f"unknown record type {op!r} (written by a newer snapagentd?)")
 
+    def _note_if_unreferenced(self, image: str, image_id: str) -> None:
+        """Remember an image id no entry or pending removal references any more."""
+        if image_id not in self._keys_by_id and all(ref[1] != image_id for ref in self.pending):
+            self.known_images[image_id] = image
+
     def _set(self, snapshot: Snapshot) -> None:
         self._total_size = None
-        if snapshot.key in self.entries:
+        self.known_images.pop(snapshot.image_id, None)
+        replaced = self.entries.get(snapshot.key)
+        if replaced is not None:
             self._delete(snapshot.key)
         self.entries[snapshot.key] = snapshot
         by_id = self._keys_by_tag.setdefault(snapshot.image, {})
         by_id.setdefault(snapshot.image_id, set()).add(snapshot.key)
+        self._keys_by_id.setdefault(snapshot.image_id, set()).add(snapshot.key)
+        if replaced is not None:
+            self._note_if_unreferenced(replaced.image, replaced.image_id)
 
     def _delete(self, key: Key) -> None:
         self._total_size = None
@@ -139,6 +224,10 @@ class RegistryState:
             del by_id[snapshot.image_id]
             if not by_id:
                 del self._keys_by_tag[snapshot.image]
+        keys = self._keys_by_id[snapshot.image_id]
+        keys.discard(key)
+        if not keys:
+            del self._keys_by_id[snapshot.image_id]
 
     def holders(self, ref: ImageRef) -> set[Key]:
         """Keys of live entries registered with exactly this tag and image id."""
@@ -166,6 +255,22 @@ class RegistryState:
             yield retire_record(pending.snapshot, pending.reason, pending.since)
         for snapshot in self.entries.values():
             yield put_record(snapshot)
+        for lease in self.leases.values():
+            yield lease_record(lease)
+        for image_id, image in self.known_images.items():
+            yield known_record(image, image_id)
+
+    def with_id(self, image_id: str) -> list[Snapshot]:
+        """Live entries whose image is `image_id`."""
+        return [self.entries[key] for key in self._keys_by_id.get(image_id, ())]
+
+    def ids_with_prefix(self, prefix: str) -> list[str]:
+        """Image ids of live entries starting with `prefix` (a short id from an event)."""
+        return [image_id for image_id in self._keys_by_id if image_id.startswith(prefix)]
+
+    def leased_ids(self, now: datetime) -> frozenset[str]:
+        """Image ids protected by a lease that has not ended at `now`."""
+        return frozenset(lease.image_id for lease in self.leases.values() if lease.expires_at > now)
 
     def with_tag(self, image: str) -> list[Snapshot]:
         """Live entries registered under the tag `image`, whatever image id they recorded."""

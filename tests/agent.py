@@ -57,11 +57,20 @@ def call(
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
+    """TOML from nested dicts: a dict value becomes a sub-table (`[policy.projects."x"]`)."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
         for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
+            if not isinstance(value, dict):
+                lines.append(f"{key} = {json.dumps(value)}")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                table(f"{name}.{json.dumps(key)}", value)
+
+    for section, values in sections.items():
+        table(section, values)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -76,7 +85,15 @@ class Agent:
         self.log_path = directory / "agent.log"
         self.notify = notify
         self.docker_url = docker_url
-        self.policy: dict[str, Any] = {"ttl": "24h", "max_count": 100, "max_size": "10GiB"}
+        # Disk watermarks off: the session engine's data root is on this machine's own disk,
+        # whose fullness no test controls (tests/test_disk_pressure.py uses a loop device).
+        self.policy: dict[str, Any] = {
+            "ttl": "24h",
+            "max_count": 100,
+            "max_size": "10GiB",
+            "disk_high": "off",
+            "disk_low": "off",
+        }
         self.policy.update(policy)
         self.extra: dict[str, dict[str, Any]] = {}
         self.process: subprocess.Popen[bytes] | None = None

@@ -23,8 +23,9 @@ from .engine import (
     remove_test_artifacts,
     require_dockerd,
 )
+from .loopfs import small_disk_engine  # noqa: F401 - a fixture, used by name
 
-DOCKER_FIXTURES = {"docker_engine", "fresh_docker_engine"}
+DOCKER_FIXTURES = {"docker_engine", "fresh_docker_engine", "small_disk_engine"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -33,12 +33,17 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
 
     async def _serve(self, app: web.Application, **site: Any) -> None:
-        self._runner = web.AppRunner(app)
+        # Endless streams (Docker's /events) must not hold up close(): stop waiting after 1 s.
+        # aiohttp >= 3.9 takes shutdown_timeout on the runner, 3.8 (Debian 12) on the site.
+        on_runner = tuple(int(p) for p in aiohttp.__version__.split(".")[:2]) >= (3, 9)
+        timeout = {"shutdown_timeout": 1.0}
+        self._runner = web.AppRunner(app, **(timeout if on_runner else {}))
         await self._runner.setup()
+        on_site = {} if on_runner else timeout
         if "path" in site:
-            await web.UnixSite(self._runner, site["path"]).start()
+            await web.UnixSite(self._runner, site["path"], **on_site).start()
         else:
-            await web.TCPSite(self._runner, "127.0.0.1", site["port"]).start()
+            await web.TCPSite(self._runner, "127.0.0.1", site["port"], **on_site).start()
 
     def close(self) -> None:
         if self._runner is not None:
@@ -79,13 +84,19 @@ class FaultyDockerProxy(_LoopThread):
                 headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
             ) as upstream,
         ):
-            body = await upstream.read()
             headers = {
                 k: v
                 for k, v in upstream.headers.items()
                 if k.lower()
                 not in {"content-length", "transfer-encoding", "content-encoding", "connection"}
             }
+            if request.path.endswith("/events"):  # endless: pass each chunk on as it comes
+                streamed = web.StreamResponse(status=upstream.status, headers=headers)
+                await streamed.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await streamed.write(chunk)
+                return streamed
+            body = await upstream.read()
             return web.Response(status=upstream.status, body=body, headers=headers)
 
 

@@ -15,12 +15,14 @@ from snapagentd.config import (
     ConfigError,
     DockerSettings,
     JournalSettings,
+    Limits,
     PolicySettings,
     SentrySettings,
     Settings,
     load_settings,
     parse_settings,
 )
+from snapagentd.disk import Watermark
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -54,6 +56,78 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.journal.path == Path("/var/lib/snapagentd/journal.jsonl")
     assert settings.sentry.dsn == ""
     assert settings.sentry.environment == ""
+    assert settings.policy.disk_high == Watermark(used_percent=85)
+    assert settings.policy.disk_low == Watermark(used_percent=80)
+    assert settings.policy.disk_interval_seconds == 30
+    assert settings.policy.size_accounting == "unique"
+    assert settings.policy.projects == ()
+    assert settings.docker.data_root == ""
+    assert settings.docker.dangling_label == ""
+    assert settings.metrics.listen == ""
+
+
+# --- rules between keys, and per-project tables ---------------------------------------------
+
+
+def test_free_space_watermarks_are_accepted() -> None:
+    policy = parse_settings({"policy": {"disk_high": "20GiB", "disk_low": "30GiB"}}).policy
+    assert policy.disk_high == Watermark(free_bytes=20 * GiB)
+    assert policy.disk_low == Watermark(free_bytes=30 * GiB)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"disk_high": "80%", "disk_low": "85%"}, "policy.disk_low"),
+        ({"disk_high": "20GiB", "disk_low": "10GiB"}, "policy.disk_low"),
+        ({"disk_high": "70%"}, "policy.disk_high"),  # below the default low of 80%
+        ({"disk_low": "off"}, "policy.disk_low"),  # high still on
+    ],
+)
+def test_watermarks_must_stop_below_where_they_start(values: dict[str, Any], key: str) -> None:
+    problem = only_problem({"policy": values})
+    assert problem.startswith(f"{key}: ")
+
+
+def test_both_watermarks_off_disable_disk_pressure() -> None:
+    policy = parse_settings({"policy": {"disk_high": "off", "disk_low": "off"}}).policy
+    assert policy.disk_high is None and policy.disk_low is None
+
+
+def test_project_tables_override_the_global_limits_key_by_key() -> None:
+    policy = parse_settings(
+        {
+            "policy": {
+                "ttl": "2h",
+                "max_count": 7,
+                "projects": {"Proj A": {"ttl": "30m"}, "b": {"max_count": 1, "max_size": "1GB"}},
+            }
+        }
+    ).policy
+    assert policy.limits_for("Proj A") == Limits(1800, 7, policy.max_size_bytes)
+    assert policy.limits_for("b") == Limits(7200, 1, 10**9)
+    assert policy.limits_for("other") == policy.global_limits == Limits(7200, 7, 10 * GiB)
+    assert policy.to_json()["projects"]["Proj A"]["ttl_seconds"] == 1800
+
+
+@pytest.mark.parametrize(
+    ("projects", "expected"),
+    [
+        ({"p": {"ttl": "soon"}}, "policy.projects.\"p\".ttl: invalid duration 'soon'"),
+        ({"p": {"interval": "5m"}}, 'policy.projects."p".interval: unknown key'),
+        ({"p": 5}, 'policy.projects."p": expected a table'),
+        ({"": {"ttl": "1h"}}, 'policy.projects."": the project name must not be empty'),
+        ("p", "policy.projects: expected a table of projects"),
+    ],
+)
+def test_project_table_errors_name_the_project_and_key(projects: Any, expected: str) -> None:
+    assert only_problem({"policy": {"projects": projects}}).startswith(expected)
+
+
+def test_project_tables_from_a_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "snapagentd.toml"
+    path.write_text('[policy]\nttl = "1d"\n\n[policy.projects."ci"]\nttl = "1h"\n')
+    assert load_settings(path).policy.limits_for("ci").ttl_seconds == 3600
 
 
 def test_empty_sections_keep_the_defaults() -> None:
@@ -157,9 +231,20 @@ ACCEPTED = [
     ("journal", "path", "/var/tmp/j.jsonl", Path("/var/tmp/j.jsonl")),
     ("sentry", "dsn", "", ""),
     ("sentry", "environment", "prod", "prod"),
+    ("policy", "disk_high", "off", None),
+    ("policy", "disk_interval", "10s", 10),
+    ("policy", "size_accounting", "virtual", "virtual"),
+    ("policy", "size_accounting", "unique", "unique"),
+    ("docker", "data_root", "/srv/docker", "/srv/docker"),
+    ("docker", "dangling_label", "cascade.managed=true", "cascade.managed=true"),
+    ("docker", "dangling_label", "cascade.managed", "cascade.managed"),
+    ("docker", "dangling_label", "", ""),
+    ("metrics", "listen", "", ""),
+    ("metrics", "listen", "127.0.0.1:9465", "127.0.0.1:9465"),
 ]
 
 ATTRIBUTE = {
+    ("policy", "disk_interval"): "disk_interval_seconds",
     ("policy", "ttl"): "ttl_seconds",
     ("policy", "min_age"): "min_age_seconds",
     ("policy", "interval"): "interval_seconds",
@@ -224,6 +309,14 @@ REJECTED = [
     ("docker", "image_prefixes", ["cascade-", 7], "7"),
     ("journal", "path", "journal.jsonl", "'journal.jsonl'"),
     ("sentry", "dsn", 1, "1"),
+    ("policy", "disk_high", "150%", "'150%'"),
+    ("policy", "disk_high", "lots", "'lots'"),
+    ("policy", "disk_low", "-5%", "'-5%'"),
+    ("policy", "disk_interval", "0s", "'0s'"),
+    ("policy", "size_accounting", "shared", "'shared'"),
+    ("docker", "dangling_label", "a b", "'a b'"),
+    ("metrics", "listen", "0.0.0.0:9465", "'0.0.0.0:9465'"),
+    ("metrics", "listen", "127.0.0.1:http", "'127.0.0.1:http'"),
 ]
 
 

@@ -679,7 +679,7 @@ async def test_failed_write_applies_nothing_and_cuts_the_partial_record(tmp_path
     "future",
     [
         pytest.param(encode({**put_record(C), "v": 2}).rstrip(b"\n"), id="version-2"),
-        pytest.param(b'{"v":1,"op":"lease","project":"p"}', id="unknown-record-type"),
+        pytest.param(b'{"v":1,"op":"pin","project":"p"}', id="unknown-record-type"),
     ],
 )
 async def test_a_future_record_as_the_last_line_stops_the_start_and_is_kept(

@@ -40,6 +40,7 @@ from snapagentd.metrics import (
     parse_listen,
     start_metrics_site,
 )
+from snapagentd.models import Reason, RemovalResult
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "contrib" / "grafana" / "snapagentd.json"
@@ -142,7 +143,8 @@ def test_every_known_reason_and_result_starts_at_zero() -> None:
         if name == "snapagentd_evictions_total"
     }
     assert evictions == {f"{r}/{s}": 0 for r in REASONS for s in RESULTS}
-    assert len(evictions) == 40
+    assert {r.value for r in Reason} == set(REASONS)  # every reason the agent can give
+    assert {r.value for r in RemovalResult} - {"planned"} == set(RESULTS)
 
 
 def test_histograms_count_observations_into_their_buckets() -> None:

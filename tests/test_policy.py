@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from snapagentd.config import PolicySettings
+from snapagentd.config import Limits, PolicySettings
 from snapagentd.models import Reason, Snapshot, Source
 from snapagentd.policy import plan_eviction, total_size_bytes
 
@@ -52,7 +52,7 @@ def ids(*names: str) -> frozenset[str]:
 
 
 def plan(snapshots, in_use=frozenset(), policy=None) -> list[tuple[str, Reason]]:
-    victims = plan_eviction(snapshots, in_use, NOW, policy or pol())
+    victims = plan_eviction(snapshots, in_use, NOW, policy or pol()).victims
     return [(victim.snapshot.work_item, victim.reason) for victim in victims]
 
 
@@ -195,7 +195,9 @@ def test_input_order_does_not_matter():
 
 
 def test_accepts_generator_and_set():
-    victims = plan_eviction((s for s in [snap("a", 2), snap("b", 1)]), set(), NOW, pol(count=1))
+    victims = plan_eviction(
+        (s for s in [snap("a", 2), snap("b", 1)]), set(), NOW, pol(count=1)
+    ).victims
     assert [v.snapshot.work_item for v in victims] == ["a"]
 
 
@@ -253,7 +255,7 @@ def _lru(snapshot: Snapshot):
 @pytest.mark.parametrize("seed", range(400))
 def test_invariants_random(seed):
     snapshots, in_use, policy = _random_case(random.Random(seed))
-    victims = plan_eviction(snapshots, in_use, NOW, policy)
+    victims = plan_eviction(snapshots, in_use, NOW, policy).victims
 
     def age(s: Snapshot) -> timedelta:
         return NOW - s.created_at
@@ -293,3 +295,170 @@ def test_invariants_random(seed):
             assert protected(s) or total_size_bytes(others) == size
     if by_reason[SIZE]:
         assert total_size_bytes([*remaining, by_reason[SIZE][-1]]) > policy.max_size_bytes
+
+
+# --- leases, per-project pools, disk pressure, unique bytes, and the explanation ---
+
+DISK = Reason.DISK
+
+
+def psnap(project: str, name: str, age_h: float = 1, **kwargs) -> Snapshot:
+    """`snap` in another project."""
+    base = snap(name, age_h, **kwargs)
+    return Snapshot(
+        project, base.work_item, base.image, base.image_id, base.size_bytes,
+        base.created_at, base.last_used_at, base.source,
+    )  # fmt: skip
+
+
+def with_projects(policy: PolicySettings, **projects: tuple[float, int, int]) -> PolicySettings:
+    """`policy` plus per-project (ttl hours, max count, max size)."""
+    own = tuple(
+        (name, Limits(int(ttl_h * HOUR), count, size))
+        for name, (ttl_h, count, size) in sorted(projects.items())
+    )
+    return PolicySettings(
+        ttl_seconds=policy.ttl_seconds, max_count=policy.max_count,
+        max_size_bytes=policy.max_size_bytes, min_age_seconds=policy.min_age_seconds,
+        projects=own,
+    )  # fmt: skip
+
+
+def explain(snapshots, policy, in_use=frozenset(), leased=frozenset(), image_bytes=None,
+            bytes_to_free=0):  # fmt: skip
+    result = plan_eviction(
+        snapshots, in_use, NOW, policy, leased_ids=leased, image_bytes=image_bytes,
+        bytes_to_free=bytes_to_free,
+    )  # fmt: skip
+    return (
+        [(v.snapshot.work_item, v.reason) for v in result.victims],
+        [(s.snapshot.work_item, s.reason, s.protection.value) for s in result.skipped],
+    )
+
+
+RULE_CASES = [
+    pytest.param(
+        [snap("a", 30), snap("b", 20)], pol(ttl_h=10), ids(), ids("a"), None, 0,
+        ([("b", TTL)], [("a", TTL, "leased")]),
+        id="lease-protects-from-ttl",
+    ),
+    pytest.param(
+        [snap("a", 4), snap("b", 3), snap("c", 2)], pol(count=1), ids(), ids("a"), None, 0,
+        ([("b", COUNT), ("c", COUNT)], [("a", COUNT, "leased")]),
+        id="lease-protects-from-count-walk-continues",
+    ),
+    pytest.param(
+        [snap("a", 4), snap("b", 3)], pol(count=0), ids("a"), ids("a"), None, 0,
+        ([("b", COUNT)], [("a", COUNT, "leased")]),
+        id="leased-and-in-use-says-leased",
+    ),
+    pytest.param(
+        [snap("a", 4), snap("b", 3), snap("c", 0.5)], pol(count=0, min_age_h=1), ids("b"),
+        ids(), None, 0,
+        ([("a", COUNT)], [("b", COUNT, "in-use"), ("c", COUNT, "min-age")]),
+        id="skipped-say-what-protects-them",
+    ),
+    pytest.param(
+        [snap("a", 30), snap("b", 4)], pol(ttl_h=10, count=0), ids("a"), ids(), None, 0,
+        ([("b", COUNT)], [("a", TTL, "in-use")]),
+        id="skipped-once-under-the-first-rule",
+    ),
+    pytest.param(
+        # virtual sizes say 300 > 250; unique bytes say 30 + 30 + 100 = 160: nothing to do
+        [snap("a", 3), snap("b", 2), snap("c", 1)], pol(size=250), ids(), ids(),
+        {"sha256:a": 30, "sha256:b": 30, "sha256:c": 100}, 0,
+        ([], []),
+        id="unique-bytes-under-the-cap",
+    ),
+    pytest.param(
+        [snap("a", 3), snap("b", 2), snap("c", 1)], pol(size=120), ids(), ids(),
+        {"sha256:a": 30, "sha256:b": 30, "sha256:c": 100}, 0,
+        ([("a", SIZE), ("b", SIZE)], []),
+        id="unique-bytes-over-the-cap",
+    ),
+    pytest.param(
+        [snap("a", 3), snap("b", 2), snap("c", 1)], pol(size=10**9), ids(), ids(),
+        {"sha256:a": 30, "sha256:b": 200}, 150,
+        ([("a", DISK), ("b", DISK)], []),
+        id="disk-takes-lru-until-enough-is-freed",
+    ),
+    pytest.param(
+        [snap("a", 3), snap("b", 2), snap("c", 1)], pol(size=10**9), ids(), ids(),
+        {"sha256:a": 0, "sha256:b": 200}, 150,
+        ([("b", DISK)], []),
+        id="disk-skips-what-frees-nothing",
+    ),
+    pytest.param(
+        [snap("a", 3), snap("b", 2), snap("c", 1)], pol(count=2), ids(), ids(), None, 150,
+        ([("a", COUNT), ("b", DISK)], []),
+        id="disk-counts-bytes-other-rules-free",
+    ),
+    pytest.param(
+        [snap("a", 3), snap("b", 2), snap("c", 0.5)], pol(min_age_h=1), ids(), ids("a"),
+        None, 10**6,
+        ([("b", DISK)], [("a", DISK, "leased"), ("c", DISK, "min-age")]),
+        id="disk-respects-every-protection",
+    ),
+    pytest.param(
+        [snap("a", 3), snap("b", 2)], pol(), ids(), ids(), None, 0,
+        ([], []),
+        id="no-pressure-no-disk-victims",
+    ),
+    pytest.param(
+        [psnap("big", "a", 3), psnap("big", "b", 2), psnap("p", "c", 4), psnap("p", "d", 1)],
+        with_projects(pol(count=1), big=(1000, 5, 10**9)), ids(), ids(), None, 0,
+        ([("c", COUNT)], []),
+        id="project-pool-has-its-own-count",
+    ),
+    pytest.param(
+        [psnap("short", "a", 3), psnap("p", "b", 3)],
+        with_projects(pol(ttl_h=10), short=(2, 5, 10**9)), ids(), ids(), None, 0,
+        ([("a", TTL)], []),
+        id="project-ttl-shorter-than-global",
+    ),
+    pytest.param(
+        [psnap("long", "a", 30), psnap("p", "b", 30)],
+        with_projects(pol(ttl_h=10), long=(100, 5, 10**9)), ids(), ids(), None, 0,
+        ([("b", TTL)], []),
+        id="project-ttl-longer-than-global",
+    ),
+    pytest.param(
+        [psnap("small", "a", 3), psnap("small", "b", 2), psnap("p", "c", 4)],
+        with_projects(pol(size=10**9), small=(1000, 5, 100)), ids(), ids(), None, 0,
+        ([("a", SIZE)], []),
+        id="project-size-cap",
+    ),
+    pytest.param(
+        [psnap("x", "a", 5), psnap("y", "b", 4), psnap("x", "c", 3)],
+        with_projects(pol(), x=(1000, 5, 10**9)), ids(), ids(), None, 150,
+        ([("a", DISK), ("b", DISK)], []),
+        id="disk-walks-every-pool-in-lru-order",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("snapshots", "policy", "in_use", "leased", "image_bytes", "bytes_to_free", "expected"),
+    RULE_CASES,
+)
+def test_plan_rules(snapshots, policy, in_use, leased, image_bytes, bytes_to_free, expected):
+    assert explain(snapshots, policy, in_use, leased, image_bytes, bytes_to_free) == expected
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_leases_and_disk_invariants_random(seed):
+    rng = random.Random(seed)
+    snapshots, in_use, policy = _random_case(rng)
+    leased = frozenset(s.image_id for s in snapshots if rng.random() < 0.2)
+    bytes_to_free = rng.choice([0, 0, 50, 200, 10**6])
+    result = plan_eviction(
+        snapshots, in_use, NOW, policy, leased_ids=leased, bytes_to_free=bytes_to_free
+    )
+    victims = result.victims
+    assert not [v for v in victims if v.snapshot.image_id in leased], "a leased image chosen"
+    assert not [v for v in victims if v.snapshot.image_id in in_use], "an image in use chosen"
+    chosen = {v.snapshot.key for v in victims}
+    assert len(chosen) == len(victims)
+    assert not chosen & {s.snapshot.key for s in result.skipped}, "both chosen and skipped"
+    if bytes_to_free == 0:
+        assert DISK not in {v.reason for v in victims}

@@ -49,7 +49,8 @@ def check_invariants(state: RegistryState) -> None:
     for ref, pending in state.pending.items():
         assert pending.ref == ref
         assert not state.holders(ref), f"{ref} is both pending and held"
-    assert len(state) == len(state.entries) + len(state.pending)
+    assert len(state) == len(state.to_records())
+    assert not state.known_images.keys() & {s.image_id for s in state.entries.values()}
 
 
 def snapshot_of(state: RegistryState) -> tuple[Any, ...]:
