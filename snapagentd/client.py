@@ -12,11 +12,17 @@ only when an `AsyncClient` is first used)::
     ...  # run the worker from `image`, commit it to snapshot_tag(project, work_item)
     agent.register("Proj Snap", "MNG_652/Worker Snapshot!", snapshot_tag(...))
 
+A router that starts a container from a found snapshot should take a lease with the lookup
+(`lookup(..., lease_seconds=300)`), so that no eviction removes the image before its
+`docker create`, and `release(found.lease.id)` once the container exists.
+
 The wire contract is docs/api.md; contracts/ holds the examples this module is tested on. An
 error answer raises the `SnapagentdError` subclass of its stable code (`ERRORS`), an agent
 that cannot be reached raises `AgentUnreachable`, and an answer that breaks the contract
-raises `ProtocolError`; all three are `ClientError`s. This module imports nothing of the
-server, so it can be copied into a router's code base as it is.
+raises `ProtocolError`; all three are `ClientError`s. Fields the agent adds later are
+ignored, and fields an older agent does not send yet read as None, so a client and an agent
+of different versions still talk. This module imports nothing of the server, so it can be
+copied into a router's code base as it is.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlencode
@@ -48,11 +54,14 @@ __all__ = [
     "Client",
     "ClientError",
     "Deletion",
+    "DiskStatus",
     "DockerError",
+    "DockerEvents",
     "DockerStatus",
     "DockerUnavailableError",
     "EvictedSnapshot",
     "Eviction",
+    "FoundSnapshot",
     "ImageNotFoundError",
     "ImageNotManagedError",
     "InternalError",
@@ -61,12 +70,16 @@ __all__ = [
     "JournalStatus",
     "JournalUnavailableError",
     "LastEviction",
+    "Lease",
+    "LeaseNotFoundError",
+    "Limits",
     "MethodNotAllowedError",
     "NotFoundError",
     "Policy",
     "ProtocolError",
     "Registration",
     "Retry",
+    "SkippedSnapshot",
     "SnapagentdError",
     "Snapshot",
     "SnapshotCounts",
@@ -101,10 +114,30 @@ def snapshot_tag(project: str, work_item: str, prefix: str = DEFAULT_PREFIX) -> 
 # --- results ----------------------------------------------------------------------------------
 
 Source = Literal["registered", "discovered"]
-RemovalResult = Literal["removed", "in-use", "already-gone", "failed", "kept"]
-EvictionResult = Literal["removed", "in-use", "already-gone", "failed", "planned"]
-EvictionReason = Literal["ttl", "count", "size", "superseded", "invalidated", "repointed"]
-Trigger = Literal["start", "timer", "api", "docker-returned"]
+RemovalResult = Literal["removed", "in-use", "already-gone", "failed", "kept", "leased"]
+EvictionResult = Literal["removed", "in-use", "already-gone", "failed", "leased", "planned"]
+EvictionReason = Literal[
+    "ttl", "count", "size", "disk", "superseded", "invalidated", "repointed", "leaked"
+]
+Protection = Literal["in-use", "leased", "min-age"]
+Trigger = Literal["start", "timer", "api", "docker-returned", "disk"]
+SizeAccounting = Literal["unique", "virtual"]
+
+# Field metadata: `to_json` leaves the field out while it is None, for fields only some answers
+# carry (a dry run's explanation, a lookup's lease), so the JSON is the answer as it was sent.
+_SENT_ONLY_SOMETIMES = {"omit_if_none": True}
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A promise that no eviction removes the image `image_id` before `expires_at` (unless
+    released first); it protects the image the entry had when the lease was taken."""
+
+    id: str  # pass it to `release`
+    project: str
+    work_item: str
+    image_id: str
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,18 +148,43 @@ class Snapshot:
     work_item: str  # the image reference for a discovered entry
     image: str  # always repository:tag
     image_id: str  # sha256:...
-    size_bytes: int | None
+    size_bytes: int | None  # Docker's Size (shared base layers included), or the router's
     created_at: datetime  # Docker's Created: the commit time, which the TTL counts from
-    last_used_at: datetime | None  # the last successful lookup
+    last_used_at: datetime | None  # the last successful lookup, or container made from it
     source: Source
+    # Bytes only this image holds (about what removing it frees); None until the agent has
+    # measured its layers, and from older agents that do not send it (in every answer, or in
+    # the DELETE answer and a real eviction's outcomes).
+    unique_bytes: int | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class FoundSnapshot(Snapshot):
+    """What `lookup` found: the entry, now marked used, and the lease taken with it when the
+    call gave `lease_seconds` (else None)."""
+
+    lease: Lease | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
 
 
 @dataclass(frozen=True, slots=True)
 class EvictedSnapshot(Snapshot):
-    """An entry an eviction run chose, why, and what became of its image."""
+    """An entry an eviction run chose, why, and what became of its image. In a dry run also
+    its age and idle time in seconds (None in a real run's outcomes)."""
 
     reason: EvictionReason
     result: EvictionResult
+    age_seconds: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+    idle_seconds: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedSnapshot(Snapshot):
+    """An entry a rule of a dry run wanted (`reason`) but a protection kept (`protected_by`)."""
+
+    reason: EvictionReason
+    protected_by: Protection
+    age_seconds: int
+    idle_seconds: int  # since the last use, or since creation if never used
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +205,26 @@ class Deletion:
 
 @dataclass(frozen=True, slots=True)
 class Eviction:
-    """The answer to `evict`. Do not rely on the order of `evicted`."""
+    """The answer to `evict`. A real run: the outcome of each removal, in no set order. A dry
+    run: what a run would remove now, in eviction order, then `skipped` (what a rule wanted but
+    a protection kept) and `disk_bytes_to_free`; both are None for a real run."""
 
     dry_run: bool
     evicted: list[EvictedSnapshot]
+    skipped: list[SkippedSnapshot] | None = field(
+        default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES
+    )
+    disk_bytes_to_free: int | None = field(
+        default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DockerEvents:
+    """The agent's subscription to Docker's event stream."""
+
+    connected: bool
+    reconnects: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,13 +232,41 @@ class DockerStatus:
     reachable: bool
     error: str | None
     url: str
+    events: DockerEvents | None = field(default=None, kw_only=True)  # None: not followed
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotCounts:
     count: int
-    total_size_bytes: int
+    total_size_bytes: int  # Docker's Size summed (each image once): over-counts shared layers
     pending_removal: int
+    # Bytes only the snapshots hold, as of the last eviction run (None before one measured).
+    unique_bytes: int | None = field(default=None, kw_only=True)
+    leases: int | None = field(default=None, kw_only=True)  # None: an agent without leases
+
+
+@dataclass(frozen=True, slots=True)
+class DiskStatus:
+    """The file system of Docker's data root against the watermarks. When it could not be
+    measured only `path` and `error` are set, and the rest is None."""
+
+    path: str | None
+    error: str | None
+    total_bytes: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+    free_bytes: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+    used_ratio: float | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+    high_free_bytes: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+    low_free_bytes: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+    above_high: bool | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits of one pool of snapshots: the global one or a project's."""
+
+    ttl_seconds: int
+    max_count: int
+    max_size_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +276,18 @@ class Policy:
     max_size_bytes: int
     interval_seconds: int
     min_age_seconds: int
+    # Watermarks as configured ("85%", "20GiB") or "off"; None from an agent without them.
+    disk_high: str | None = field(default=None, kw_only=True)
+    disk_low: str | None = field(default=None, kw_only=True)
+    disk_interval_seconds: int | None = field(default=None, kw_only=True)
+    size_accounting: SizeAccounting | None = field(default=None, kw_only=True)
+    projects: dict[str, Limits] = field(default_factory=dict, kw_only=True)
+
+    def limits_for(self, project: str) -> Limits:
+        """The limits `project`'s snapshots live under: its own, else the global ones (the
+        TTL a lookup without `ttl_seconds` applies)."""
+        own = self.projects.get(project)
+        return own or Limits(self.ttl_seconds, self.max_count, self.max_size_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +300,8 @@ class LastEviction:
     already_gone: int
     failed: int
     error: str | None
+    leased: int | None = field(default=None, kw_only=True)  # removals a lease held back
+    reclaimed_bytes: int | None = field(default=None, kw_only=True)  # unique bytes removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +318,7 @@ class Status:
     policy: Policy
     last_eviction: LastEviction | None  # None before the first eviction run
     journal: JournalStatus
+    disk: DiskStatus | None = field(default=None, kw_only=True)  # None: watermarks off
 
 
 def format_time(moment: datetime) -> str:
@@ -210,11 +327,19 @@ def format_time(moment: datetime) -> str:
 
 
 def to_json(value: Any) -> Any:
-    """The wire JSON form of a result (or a list of them), e.g. to log or cache it."""
+    """The wire JSON form of a result (or a list of them), e.g. to log or cache it. A field an
+    older agent did not send comes out as null; a `FoundSnapshot`'s `lease` comes out inside
+    the entry (the answer has it beside the entry)."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in fields(value)}
+        return {
+            f.name: to_json(getattr(value, f.name))
+            for f in fields(value)
+            if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)
+        }
     if isinstance(value, list):
         return [to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_json(item) for key, item in value.items()}
     if isinstance(value, datetime):
         return format_time(value)
     return value
@@ -292,6 +417,12 @@ class ImageNotFoundError(SnapagentdError):
 
 class SnapshotNotFoundError(SnapagentdError):
     code, status = "snapshot-not-found", 404
+
+
+class LeaseNotFoundError(SnapagentdError):
+    """No lease has this id: released already, or expired and dropped by an eviction run."""
+
+    code, status = "lease-not-found", 404
 
 
 class NotFoundError(SnapagentdError):
@@ -442,11 +573,24 @@ def _register_request(project: str, work_item: str, image: str, size_bytes: int 
     return _request("POST", "/v1/snapshots", json_body=body)
 
 
-def _lookup_request(project: str, work_item: str, ttl_seconds: int | None) -> _Request:
+def _lookup_request(
+    project: str, work_item: str, ttl_seconds: int | None, lease_seconds: int | None = None
+) -> _Request:
     body: dict[str, Any] = _snapshot_key(project, work_item)
     if ttl_seconds is not None:
         body["ttl_seconds"] = ttl_seconds
+    if lease_seconds is not None:
+        body["lease_seconds"] = lease_seconds
     return _request("POST", "/v1/snapshots/lookup", json_body=body)
+
+
+def _lease_request(project: str, work_item: str, seconds: int) -> _Request:
+    body = {**_snapshot_key(project, work_item), "seconds": seconds}
+    return _request("POST", "/v1/snapshots/lease", json_body=body)
+
+
+def _release_request(lease_id: str) -> _Request:
+    return _request("DELETE", "/v1/snapshots/lease", query={"id": lease_id})
 
 
 def _list_request(project: str | None) -> _Request:
@@ -470,13 +614,19 @@ _STATUS_REQUEST = _request("GET", "/v1/status")
 _KINDS: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "int": (int,),
+    "number": (int, float),
     "bool": (bool,),
     "object": (dict,),  # a nested object, read field by field
+    "list": (list,),
 }
+_ABSENT = object()
 
 
-def _get(data: Any, key: str, kind: str, nullable: bool = False) -> Any:
-    """`data[key]` checked against the contract's type; ProtocolError when it breaks it."""
+def _get(data: Any, key: str, kind: str, nullable: bool = False, default: Any = _ABSENT) -> Any:
+    """`data[key]` checked against the contract's type; ProtocolError when it breaks it. With
+    a `default`, a missing field (an older agent's answer) reads as that instead."""
+    if isinstance(data, dict) and key not in data and default is not _ABSENT:
+        return default
     if not isinstance(data, dict) or key not in data:
         raise ProtocolError(f"malformed answer from snapagentd: missing field {key!r}")
     value = data[key]
@@ -490,7 +640,9 @@ def _get(data: Any, key: str, kind: str, nullable: bool = False) -> Any:
         if moment is None or moment.tzinfo is None:
             raise ProtocolError(f"malformed answer from snapagentd: {key} is not a time: {value!r}")
         return moment.astimezone(UTC)
-    if not isinstance(value, _KINDS[kind]) or (kind == "int" and isinstance(value, bool)):
+    if not isinstance(value, _KINDS[kind]) or (
+        kind in ("int", "number") and isinstance(value, bool)
+    ):
         raise ProtocolError(f"malformed answer from snapagentd: {key} is not a {kind}: {value!r}")
     return value
 
@@ -505,6 +657,7 @@ def _snapshot_fields(data: Any) -> dict[str, Any]:
         "created_at": _get(data, "created_at", "time"),
         "last_used_at": _get(data, "last_used_at", "time", nullable=True),
         "source": _get(data, "source", "str"),
+        "unique_bytes": _get(data, "unique_bytes", "int", nullable=True, default=None),
     }
 
 
@@ -512,11 +665,41 @@ def _snapshot(data: Any) -> Snapshot:
     return Snapshot(**_snapshot_fields(data))
 
 
+def _lease(data: Any) -> Lease:
+    return Lease(
+        id=_get(data, "id", "str"),
+        project=_get(data, "project", "str"),
+        work_item=_get(data, "work_item", "str"),
+        image_id=_get(data, "image_id", "str"),
+        expires_at=_get(data, "expires_at", "time"),
+    )
+
+
+def _found(data: dict[str, Any]) -> FoundSnapshot:
+    lease = _get(data, "lease", "object", nullable=True, default=None)
+    return FoundSnapshot(
+        **_snapshot_fields(data.get("snapshot")),
+        lease=None if lease is None else _lease(lease),
+    )
+
+
 def _evicted(data: Any) -> EvictedSnapshot:
     return EvictedSnapshot(
         **_snapshot_fields(data),
         reason=_get(data, "reason", "str"),
         result=_get(data, "result", "str"),
+        age_seconds=_get(data, "age_seconds", "int", nullable=True, default=None),
+        idle_seconds=_get(data, "idle_seconds", "int", nullable=True, default=None),
+    )
+
+
+def _skipped(data: Any) -> SkippedSnapshot:
+    return SkippedSnapshot(
+        **_snapshot_fields(data),
+        reason=_get(data, "reason", "str"),
+        protected_by=_get(data, "protected_by", "str"),
+        age_seconds=_get(data, "age_seconds", "int"),
+        idle_seconds=_get(data, "idle_seconds", "int"),
     )
 
 
@@ -537,27 +720,88 @@ def _deletion(data: dict[str, Any]) -> Deletion:
 
 def _eviction(data: dict[str, Any]) -> Eviction:
     evicted = [_evicted(item) for item in _list_of(data, "evicted")]
-    return Eviction(_get(data, "dry_run", "bool"), evicted)
+    skipped = None if data.get("skipped") is None else _list_of(data, "skipped")
+    return Eviction(
+        _get(data, "dry_run", "bool"),
+        evicted,
+        skipped=None if skipped is None else [_skipped(item) for item in skipped],
+        disk_bytes_to_free=_get(data, "disk_bytes_to_free", "int", nullable=True, default=None),
+    )
 
 
-def _counts(data: Any, cls: type) -> dict[str, int]:
-    """The integer fields of `cls` (an all-integer dataclass), read from `data`."""
-    return {f.name: _get(data, f.name, "int") for f in fields(cls)}
+def _released(data: dict[str, Any]) -> Lease:
+    if _get(data, "released", "bool") is not True:
+        raise ProtocolError("malformed answer from snapagentd: released is not true")
+    return _lease(data.get("lease"))
+
+
+def _optional(data: Any, key: str, kind: str) -> Any:
+    """A field newer than some agents: None when missing or null."""
+    return _get(data, key, kind, nullable=True, default=None)
+
+
+def _limits(data: Any) -> Limits:
+    return Limits(
+        _get(data, "ttl_seconds", "int"),
+        _get(data, "max_count", "int"),
+        _get(data, "max_size_bytes", "int"),
+    )
+
+
+def _policy(data: Any) -> Policy:
+    projects = _get(data, "projects", "object", default={})
+    return Policy(
+        ttl_seconds=_get(data, "ttl_seconds", "int"),
+        max_count=_get(data, "max_count", "int"),
+        max_size_bytes=_get(data, "max_size_bytes", "int"),
+        interval_seconds=_get(data, "interval_seconds", "int"),
+        min_age_seconds=_get(data, "min_age_seconds", "int"),
+        disk_high=_optional(data, "disk_high", "str"),
+        disk_low=_optional(data, "disk_low", "str"),
+        disk_interval_seconds=_optional(data, "disk_interval_seconds", "int"),
+        size_accounting=_optional(data, "size_accounting", "str"),
+        projects={name: _limits(limits) for name, limits in projects.items()},
+    )
+
+
+def _disk(data: Any) -> DiskStatus | None:
+    if data is None:
+        return None
+    return DiskStatus(
+        path=_get(data, "path", "str", nullable=True),
+        error=_get(data, "error", "str", nullable=True),
+        total_bytes=_optional(data, "total_bytes", "int"),
+        free_bytes=_optional(data, "free_bytes", "int"),
+        used_ratio=_optional(data, "used_ratio", "number"),
+        high_free_bytes=_optional(data, "high_free_bytes", "int"),
+        low_free_bytes=_optional(data, "low_free_bytes", "int"),
+        above_high=_optional(data, "above_high", "bool"),
+    )
 
 
 def _status(data: dict[str, Any]) -> Status:
     docker, snapshots = _get(data, "docker", "object"), _get(data, "snapshots", "object")
     policy, journal = _get(data, "policy", "object"), _get(data, "journal", "object")
     last = _get(data, "last_eviction", "object", nullable=True)
+    events = _optional(docker, "events", "object")
     return Status(
         version=_get(data, "version", "str"),
         docker=DockerStatus(
             _get(docker, "reachable", "bool"),
             _get(docker, "error", "str", nullable=True),
             _get(docker, "url", "str"),
+            events=None
+            if events is None
+            else DockerEvents(_get(events, "connected", "bool"), _get(events, "reconnects", "int")),
         ),
-        snapshots=SnapshotCounts(**_counts(snapshots, SnapshotCounts)),
-        policy=Policy(**_counts(policy, Policy)),
+        snapshots=SnapshotCounts(
+            _get(snapshots, "count", "int"),
+            _get(snapshots, "total_size_bytes", "int"),
+            _get(snapshots, "pending_removal", "int"),
+            unique_bytes=_optional(snapshots, "unique_bytes", "int"),
+            leases=_optional(snapshots, "leases", "int"),
+        ),
+        policy=_policy(policy),
         last_eviction=None
         if last is None
         else LastEviction(
@@ -569,8 +813,11 @@ def _status(data: dict[str, Any]) -> Status:
             already_gone=_get(last, "already_gone", "int"),
             failed=_get(last, "failed", "int"),
             error=_get(last, "error", "str", nullable=True),
+            leased=_optional(last, "leased", "int"),
+            reclaimed_bytes=_optional(last, "reclaimed_bytes", "int"),
         ),
         journal=JournalStatus(_get(journal, "path", "str"), _get(journal, "records", "int")),
+        disk=_disk(_get(data, "disk", "object", nullable=True, default=None)),
     )
 
 
@@ -625,15 +872,37 @@ class Client:
         return _registration(*self._call(_register_request(project, work_item, image, size_bytes)))
 
     def lookup(
-        self, project: str, work_item: str, ttl_seconds: int | None = None
-    ) -> Snapshot | None:
+        self,
+        project: str,
+        work_item: str,
+        ttl_seconds: int | None = None,
+        lease_seconds: int | None = None,
+    ) -> FoundSnapshot | None:
         """The key's usable snapshot, now marked used; None on a miss (404 snapshot-not-found:
-        none, invalidated, image gone or repointed, or older than `ttl_seconds`)."""
+        none, invalidated, image gone or repointed, or older than `ttl_seconds`, which defaults
+        to the project's TTL, else the global one).
+
+        With `lease_seconds` (1 to 86400) the agent also leases the image in the same request,
+        so no eviction can remove it before the router's `docker create`; the lease is the
+        result's `lease` (release it once the container exists)."""
         try:
-            _, data = self._call(_lookup_request(project, work_item, ttl_seconds))
+            _, data = self._call(_lookup_request(project, work_item, ttl_seconds, lease_seconds))
         except SnapshotNotFoundError:
             return None
-        return _snapshot(data.get("snapshot"))
+        return _found(data)
+
+    def lease(self, project: str, work_item: str, seconds: int) -> Lease:
+        """Protect the key's current image from every eviction for `seconds` (1 to 86400).
+        Raises SnapshotNotFoundError when the key has no entry. Prefer `lookup(...,
+        lease_seconds=...)`, which cannot miss an eviction between the two calls."""
+        _, data = self._call(_lease_request(project, work_item, seconds))
+        return _lease(data.get("lease"))
+
+    def release(self, lease_id: str) -> Lease:
+        """End a lease early; returns it as it was. Raises LeaseNotFoundError when there is no
+        such lease (released already, or expired and dropped: either way, it protects nothing)."""
+        _, data = self._call(_release_request(lease_id))
+        return _released(data)
 
     def list(self, project: str | None = None) -> list[Snapshot]:
         """All entries (or one project's), sorted by project, then work item."""
@@ -647,7 +916,8 @@ class Client:
         return _deletion(data)
 
     def evict(self, dry_run: bool = False) -> Eviction:
-        """Run an eviction now (or only plan one) and return what it chose."""
+        """Run an eviction now and return what it removed; with `dry_run`, explain one: what
+        would go, in order, and what protects the rest (`skipped`), removing nothing."""
         _, data = self._call(_evict_request(dry_run))
         return _eviction(data)
 
@@ -739,14 +1009,29 @@ class AsyncClient:
         return _registration(*await self._call(request))
 
     async def lookup(
-        self, project: str, work_item: str, ttl_seconds: int | None = None
-    ) -> Snapshot | None:
-        """See `Client.lookup`: None on a miss."""
+        self,
+        project: str,
+        work_item: str,
+        ttl_seconds: int | None = None,
+        lease_seconds: int | None = None,
+    ) -> FoundSnapshot | None:
+        """See `Client.lookup`: None on a miss; `lease` when `lease_seconds` is given."""
+        request = _lookup_request(project, work_item, ttl_seconds, lease_seconds)
         try:
-            _, data = await self._call(_lookup_request(project, work_item, ttl_seconds))
+            _, data = await self._call(request)
         except SnapshotNotFoundError:
             return None
-        return _snapshot(data.get("snapshot"))
+        return _found(data)
+
+    async def lease(self, project: str, work_item: str, seconds: int) -> Lease:
+        """See `Client.lease`."""
+        _, data = await self._call(_lease_request(project, work_item, seconds))
+        return _lease(data.get("lease"))
+
+    async def release(self, lease_id: str) -> Lease:
+        """See `Client.release`."""
+        _, data = await self._call(_release_request(lease_id))
+        return _released(data)
 
     async def list(self, project: str | None = None) -> list[Snapshot]:
         _, data = await self._call(_list_request(project))
@@ -758,6 +1043,7 @@ class AsyncClient:
         return _deletion(data)
 
     async def evict(self, dry_run: bool = False) -> Eviction:
+        """See `Client.evict`."""
         _, data = await self._call(_evict_request(dry_run))
         return _eviction(data)
 

@@ -23,7 +23,12 @@ from .client import AgentUnreachable, Client, ProtocolError, SnapagentdError
 DEFAULT_SOCKET = "/run/snapagentd/snapagentd.sock"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 SNAPSHOT_COLUMNS = ["PROJECT", "WORK ITEM", "IMAGE", "ID", "SIZE", "CREATED", "LAST USED", "SOURCE"]
+LIST_COLUMNS = [*SNAPSHOT_COLUMNS[:5], "UNIQUE", *SNAPSHOT_COLUMNS[5:]]
 EVICT_COLUMNS = [*SNAPSHOT_COLUMNS, "REASON", "RESULT"]
+# A dry run's explanation (an agent that sends `skipped`): eviction order, then what was spared.
+PLAN_COLUMNS = ["REASON", "IMAGE", "AGE", "LAST USE", "UNIQUE", "RESULT"]
+SKIPPED_COLUMNS = ["REASON", "IMAGE", "AGE", "LAST USE", "UNIQUE", "PROTECTED BY"]
+MAX_LEASE_SECONDS = 86400  # the API's bound on a lease (docs/api.md)
 
 
 class MalformedAnswer(Exception):
@@ -143,22 +148,100 @@ def snapshot_row(entry: dict[str, Any], now: datetime) -> list[str]:
     ]
 
 
+def list_row(entry: dict[str, Any], now: datetime) -> list[str]:
+    """A `list` row: the snapshot row with its unique bytes after the size ('-' when the agent
+    has not measured them, or is too old to send them)."""
+    row = snapshot_row(entry, now)
+    return [*row[:5], human_size(entry.get("unique_bytes")), *row[5:]]
+
+
+def plan_row(entry: dict[str, Any], last: str) -> list[str]:
+    """One row of a dry run's explanation; `last` is its RESULT or PROTECTED BY."""
+    idle = human_duration(entry["idle_seconds"], parts=1)
+    return [
+        clean(entry["reason"]),
+        clean(entry["image"]),
+        human_duration(entry["age_seconds"], parts=1),
+        "never" if entry["last_used_at"] is None else f"{idle} ago",
+        human_size(entry["unique_bytes"]),
+        clean(last),
+    ]
+
+
+def explanation(body: dict[str, Any]) -> str:
+    """A dry run: what would go, in eviction order; what a rule wanted but a protection kept;
+    and how much the disk wants back, when it does."""
+    planned = [plan_row(entry, entry["result"]) for entry in body["evicted"]]
+    spared = [plan_row(entry, entry["protected_by"]) for entry in body["skipped"]]
+    parts = [format_table(planned, PLAN_COLUMNS) if planned else "nothing to evict"]
+    if spared:
+        parts.append("skipped:\n" + format_table(spared, SKIPPED_COLUMNS))
+    to_free = _integer(body["disk_bytes_to_free"], "disk_bytes_to_free")
+    if to_free:
+        parts.append(f"disk: above the high watermark, {human_size(to_free)} to free")
+    return "\n\n".join(parts)
+
+
 def _when(iso: str | None, now: datetime) -> str:
     return "-" if iso is None else f"{clean(iso)} ({human_age(iso, now)})"
 
 
+def _bytes(size: int | None) -> str:
+    return "-" if size is None else f"{human_size(size)} ({size} bytes)"
+
+
 def snapshot_pairs(entry: dict[str, Any], now: datetime) -> list[tuple[str, str]]:
-    size = entry["size_bytes"]
-    return [
+    pairs = [
         ("project", clean(entry["project"])),
         ("work item", clean(entry["work_item"])),
         ("image", clean(entry["image"])),
         ("id", clean(entry["image_id"])),
-        ("size", "-" if size is None else f"{human_size(size)} ({size} bytes)"),
+        ("size", _bytes(entry["size_bytes"])),
         ("created", _when(entry["created_at"], now)),
         ("last used", _when(entry["last_used_at"], now)),
         ("source", clean(entry["source"])),
     ]
+    if "unique_bytes" in entry:  # bytes only this image holds; absent from older agents
+        pairs.insert(5, ("unique", _bytes(entry["unique_bytes"])))
+    return pairs
+
+
+def lease_pairs(lease: dict[str, Any], now: datetime) -> list[tuple[str, str]]:
+    return [
+        ("lease", clean(lease["id"])),
+        ("project", clean(lease["project"])),
+        ("work item", clean(lease["work_item"])),
+        ("id", clean(lease["image_id"])),
+        ("expires", _when(lease["expires_at"], now)),
+    ]
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def disk_pairs(disk: dict[str, Any] | None, policy: dict[str, Any]) -> list[tuple[str, str]]:
+    """The `status` lines of the disk: how full it is and whether it is above the high
+    watermark, then the watermarks in free bytes (what eviction starts below and stops at)."""
+    if disk is None:
+        return [("disk", "watermarks off")]
+    if disk["error"]:
+        where = "" if disk["path"] is None else f" {clean(disk['path'])}"
+        return [("disk", f"cannot measure{where}: {clean(disk['error'])}")]
+    total, free = _integer(disk["total_bytes"], "total_bytes"), disk["free_bytes"]
+    ratio = disk["used_ratio"]
+    if not isinstance(ratio, int | float) or isinstance(ratio, bool):
+        raise ValueError(f"used_ratio is not a number: {ratio!r}")
+    state = "ABOVE the high watermark" if disk["above_high"] else "below the high watermark"
+    usage = f"{ratio * 100:.1f}% used, {human_size(free)} free of {human_size(total)}"
+    marks = (
+        f"high {clean(policy.get('disk_high'))} (evict below "
+        f"{human_size(disk['high_free_bytes'])} free), low {clean(policy.get('disk_low'))} "
+        f"(until {human_size(disk['low_free_bytes'])} free)"
+    )
+    if policy.get("disk_interval_seconds") is not None:
+        marks += f", checked every {human_duration(policy['disk_interval_seconds'])}"
+    return [("disk", f"{usage} ({clean(disk['path'])}): {state}"), ("watermarks", marks)]
 
 
 def status_pairs(body: dict[str, Any], now: datetime) -> list[tuple[str, str]]:
@@ -176,28 +259,63 @@ def status_pairs(body: dict[str, Any], now: datetime) -> list[tuple[str, str]]:
         docker_text = f"reachable ({url})"
     else:
         docker_text = f"unreachable ({url}): {clean(docker['error'])}"
+    events = docker.get("events")
+    if events is not None:  # null: the agent does not follow Docker's events
+        reconnects = count(events, "reconnects")
+        state = "connected" if events["connected"] else "not connected"
+        docker_text += f", events {state}" + (
+            f" ({_plural(reconnects, 'reconnect')})" if reconnects else ""
+        )
+    if "unique_bytes" in snaps:  # an agent that measures layers: virtual and unique bytes
+        unique = snaps["unique_bytes"]
+        snapshots_text = (
+            f"{count(snaps, 'count')}, {human_size(snaps['total_size_bytes'])} virtual, "
+            + ("unique not measured yet" if unique is None else f"{human_size(unique)} unique")
+            + f", {count(snaps, 'pending_removal')} pending removal"
+        )
+    else:
+        snapshots_text = (
+            f"{count(snaps, 'count')}, {human_size(snaps['total_size_bytes'])} total, "
+            f"{count(snaps, 'pending_removal')} pending removal"
+        )
+    if "leases" in snaps:
+        snapshots_text += f", {_plural(count(snaps, 'leases'), 'lease')}"
+    policy_text = (
+        f"ttl {duration('ttl_seconds')}, max {count(policy, 'max_count')} snapshots, "
+        f"max {human_size(policy['max_size_bytes'])}, every {duration('interval_seconds')}, "
+        f"min age {duration('min_age_seconds')}"
+    )
+    if "size_accounting" in policy:
+        policy_text += f", sizes {clean(policy['size_accounting'])}"
     pairs = [
         ("version", clean(body["version"])),
         ("docker", docker_text),
-        (
-            "snapshots",
-            f"{count(snaps, 'count')}, {human_size(snaps['total_size_bytes'])} total, "
-            f"{count(snaps, 'pending_removal')} pending removal",
-        ),
-        (
-            "policy",
-            f"ttl {duration('ttl_seconds')}, max {count(policy, 'max_count')} snapshots, "
-            f"max {human_size(policy['max_size_bytes'])}, every {duration('interval_seconds')}, "
-            f"min age {duration('min_age_seconds')}",
-        ),
+        ("snapshots", snapshots_text),
     ]
+    if "disk" in body:  # absent from agents without watermarks
+        pairs += disk_pairs(body["disk"], policy)
+    pairs.append(("policy", policy_text))
+    projects = policy.get("projects") or {}
+    if projects:  # projects with limits of their own
+        pairs.append(
+            (
+                "projects",
+                "; ".join(
+                    f"{clean(name)}: ttl {human_duration(limits['ttl_seconds'])}, "
+                    f"max {count(limits, 'max_count')} snapshots, "
+                    f"max {human_size(limits['max_size_bytes'])}"
+                    for name, limits in sorted(projects.items())
+                ),
+            )
+        )
     if last is None:
         pairs.append(("last eviction", "never"))
     else:
-        counts = ", ".join(
-            f"{count(last, key)} {key.replace('_', ' ')}"
-            for key in ("removed", "in_use", "already_gone", "failed")
-        )
+        keys = ["removed", "in_use", "already_gone", "failed"]
+        keys += [key for key in ("leased",) if key in last]
+        counts = ", ".join(f"{count(last, key)} {key.replace('_', ' ')}" for key in keys)
+        if "reclaimed_bytes" in last:
+            counts += f", {human_size(last['reclaimed_bytes'])} reclaimed"
         text = f"{human_age(last['started_at'], now)} ({clean(last['trigger'])}): {counts}"
         if last["finished_at"] is None:
             text += ", still running"
@@ -214,14 +332,31 @@ def render(command: str, body: Any, now: datetime) -> str:
         if command == "status":
             return format_pairs(status_pairs(body, now))
         if command == "list":
-            rows = [snapshot_row(entry, now) for entry in body["snapshots"]]
-            return format_table(rows, SNAPSHOT_COLUMNS) if rows else "no snapshots"
-        if command in ("lookup", "register"):
+            rows = [list_row(entry, now) for entry in body["snapshots"]]
+            return format_table(rows, LIST_COLUMNS) if rows else "no snapshots"
+        if command == "lookup":
+            pairs = snapshot_pairs(body["snapshot"], now)
+            if body.get("lease") is not None:  # --lease: the lease taken with the lookup
+                lease = body["lease"]
+                pairs += [
+                    ("lease", clean(lease["id"])),
+                    ("expires", _when(lease["expires_at"], now)),
+                ]
+            return format_pairs(pairs)
+        if command == "register":
             return format_pairs(snapshot_pairs(body["snapshot"], now))
+        if command == "lease":
+            return format_pairs(lease_pairs(body["lease"], now))
+        if command == "release":
+            if body["released"] is not True:
+                raise ValueError(f"released is not true: {body['released']!r}")
+            return format_pairs([*lease_pairs(body["lease"], now), ("released", "yes")])
         if command == "remove":
             pairs = snapshot_pairs(body["snapshot"], now)
             return format_pairs([*pairs, ("result", clean(body["result"]))])
-        if command == "evict":
+        if command == "evict" and body.get("skipped") is not None:
+            return explanation(body)
+        if command == "evict":  # a real run, or a dry run of an agent that does not explain
             rows = [
                 [*snapshot_row(entry, now), clean(entry["reason"]), clean(entry["result"])]
                 for entry in body["evicted"]
@@ -264,7 +399,14 @@ def build_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | 
         body: dict[str, Any] = {"project": args.project, "work_item": args.work_item}
         if args.ttl is not None:
             body["ttl_seconds"] = args.ttl
+        if args.lease is not None:
+            body["lease_seconds"] = args.lease
         return "POST", "/v1/snapshots/lookup", body
+    if c == "lease":
+        body = {"project": args.project, "work_item": args.work_item, "seconds": args.seconds}
+        return "POST", "/v1/snapshots/lease", body
+    if c == "release":
+        return "DELETE", "/v1/snapshots/lease?" + urlencode({"id": args.lease_id}), None
     if c == "register":
         body = {"project": args.project, "work_item": args.work_item, "image": args.image}
         if args.size is not None:
@@ -279,6 +421,13 @@ def build_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | 
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"not a non-negative integer: {text!r}")
+    return int(text)
+
+
+def _lease_seconds(text: str) -> int:
+    """A lease's length: whole seconds from 1 to a day, as the API takes it."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LEASE_SECONDS:
+        raise argparse.ArgumentTypeError(f"not a number of seconds from 1 to 86400: {text!r}")
     return int(text)
 
 
@@ -309,6 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("work_item", metavar="work-item")
     p.add_argument("--ttl", type=_non_negative_int, metavar="SECONDS")
+    p.add_argument(
+        "--lease",
+        type=_lease_seconds,
+        metavar="SECONDS",
+        help="also lease the snapshot found, so no eviction removes it for this long",
+    )
+    p = sub.add_parser("lease", help="protect a snapshot's image from eviction for a while")
+    p.add_argument("project")
+    p.add_argument("work_item", metavar="work-item")
+    p.add_argument("seconds", type=_lease_seconds, help="1 to 86400")
+    p = sub.add_parser("release", help="release a lease before it expires")
+    p.add_argument("lease_id", metavar="lease-id")
     p = sub.add_parser("register", help="register a committed snapshot image")
     p.add_argument("project")
     p.add_argument("work_item", metavar="work-item")
@@ -318,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("work_item", metavar="work-item")
     p = sub.add_parser("evict", help="run the eviction policy now")
-    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    p.add_argument(
+        "--dry-run", action="store_true", help="only explain what would be removed, and why not"
+    )
     return parser
 
 

@@ -14,7 +14,9 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +24,7 @@ from snapagentd import client as sac
 from snapagentd import errors, models
 
 from .agent import REPO
-from .engine import make_image
+from .engine import create_stopped_container, image_exists, make_image, wait_until
 from .test_contracts import OPENAPI, match
 
 TAGS = json.loads((REPO / "contracts" / "snapshot-tags.json").read_text(encoding="utf-8"))
@@ -152,6 +154,17 @@ def test_contract_matching_is_strict() -> None:
         match("<string:x>", "other", bindings)
 
 
+def following_events(agent: Any) -> None:
+    """Wait until the agent follows Docker's events (it connects just after READY), so that two
+    reads of its status agree on `docker.events`."""
+
+    def connected() -> bool:
+        events = agent.status()["docker"]["events"]
+        return events is None or events["connected"]
+
+    wait_until(connected, timeout=30, message="the agent to follow Docker's events")
+
+
 # --- no agent, a refusing one, a hung one, a restarting one -----------------------------------
 
 
@@ -272,6 +285,117 @@ def test_the_request_on_the_wire(canned) -> None:
     assert eviction.endswith(b'\r\n\r\n{"dry_run": true}')
 
 
+def test_lease_requests_on_the_wire(canned) -> None:
+    agent = canned(http_answer("200 OK", b"{}"))
+    client = sac.Client(agent.path)
+    for call in (
+        lambda: client.lease("P", "w", 30),
+        lambda: client.release("a b+c"),
+        lambda: client.lookup("P", "w", lease_seconds=60),
+    ):
+        with pytest.raises(sac.ProtocolError):  # {} answers none of them
+            call()
+    lease, release, lookup = agent.requests
+    assert lease.startswith(b"POST /v1/snapshots/lease HTTP/1.1\r\n")
+    assert lease.endswith(b'\r\n\r\n{"project": "P", "work_item": "w", "seconds": 30}')
+    assert release.startswith(b"DELETE /v1/snapshots/lease?id=a%20b%2Bc HTTP/1.1\r\n")
+    assert lookup.endswith(b'{"project": "P", "work_item": "w", "lease_seconds": 60}')
+
+
+# --- agents of other versions ------------------------------------------------------------------
+
+OLD_STATUS = {  # what an agent before leases, unique bytes and disk watermarks answered
+    "version": "0.0.9",
+    "docker": {"reachable": True, "error": None, "url": "unix:///run/docker.sock"},
+    "snapshots": {"count": 1, "total_size_bytes": 10, "pending_removal": 0},
+    "policy": {
+        "ttl_seconds": 60,
+        "max_count": 5,
+        "max_size_bytes": 100,
+        "interval_seconds": 300,
+        "min_age_seconds": 0,
+    },
+    "last_eviction": {
+        "started_at": "2024-05-01T12:00:00.000000Z",
+        "finished_at": "2024-05-01T12:00:01.000000Z",
+        "trigger": "timer",
+        "removed": 0,
+        "in_use": 0,
+        "already_gone": 0,
+        "failed": 0,
+        "error": None,
+    },
+    "journal": {"path": "/j", "records": 3},
+}
+OLD_ENTRY = {
+    "project": "p",
+    "work_item": "w",
+    "image": "cascade-snapshot-p-w:latest",
+    "image_id": "sha256:" + "ab" * 32,
+    "size_bytes": 10,
+    "created_at": "2024-05-01T12:00:00.000000Z",
+    "last_used_at": None,
+    "source": "registered",
+}
+
+
+def test_an_older_agents_answers_read_with_the_new_fields_as_none(canned) -> None:
+    """Fields an agent does not send yet read as None (or empty), so a newer client still
+    talks to an older agent."""
+    status = sac.Client(canned(http_answer("200 OK", json.dumps(OLD_STATUS).encode())).path)
+    read = status.status()
+    assert read.disk is None and read.docker.events is None
+    assert (read.snapshots.unique_bytes, read.snapshots.leases) == (None, None)
+    assert (read.policy.disk_high, read.policy.size_accounting, read.policy.projects) == (
+        None,
+        None,
+        {},
+    )
+    assert read.policy.limits_for("p") == sac.Limits(60, 5, 100)
+    assert (read.last_eviction.leased, read.last_eviction.reclaimed_bytes) == (None, None)
+    lookup = canned(http_answer("200 OK", json.dumps({"snapshot": OLD_ENTRY}).encode()))
+    found = sac.Client(lookup.path).lookup("p", "w", lease_seconds=30)
+    assert found is not None and found.unique_bytes is None and found.lease is None
+    eviction = {"dry_run": True, "evicted": [{**OLD_ENTRY, "reason": "ttl", "result": "planned"}]}
+    dry = sac.Client(canned(http_answer("200 OK", json.dumps(eviction).encode())).path)
+    explained = dry.evict(dry_run=True)
+    assert explained.skipped is None and explained.disk_bytes_to_free is None
+    assert explained.evicted[0].age_seconds is None
+    assert sac.to_json(explained) == {
+        "dry_run": True,
+        "evicted": [{**OLD_ENTRY, "unique_bytes": None, "reason": "ttl", "result": "planned"}],
+    }
+
+
+def test_a_newer_agents_unknown_fields_are_ignored(canned) -> None:
+    newer = {
+        "snapshot": {**OLD_ENTRY, "unique_bytes": 7, "labels": {"x": "y"}},
+        "lease": {
+            "id": "l1",
+            "project": "p",
+            "work_item": "w",
+            "image_id": OLD_ENTRY["image_id"],
+            "expires_at": "2024-05-01T12:05:00.000000Z",
+            "holder": "router-3",
+        },
+        "hint": "new",
+    }
+    agent = canned(http_answer("200 OK", json.dumps(newer).encode()))
+    found = sac.Client(agent.path).lookup("p", "w", lease_seconds=300)
+    assert found is not None and found.unique_bytes == 7
+    assert found.lease == sac.Lease(
+        "l1", "p", "w", OLD_ENTRY["image_id"], datetime(2024, 5, 1, 12, 5, tzinfo=UTC)
+    )
+
+
+def test_a_release_answer_that_does_not_say_released_is_a_protocol_error(canned) -> None:
+    lease = {"id": "l", "project": "p", "work_item": "w", "image_id": "sha256:x"}
+    body = {"lease": {**lease, "expires_at": "2024-05-01T12:05:00.000000Z"}, "released": False}
+    agent = canned(http_answer("200 OK", json.dumps(body).encode()))
+    with pytest.raises(sac.ProtocolError, match="released"):
+        sac.Client(agent.path).release("l")
+
+
 # --- a real agent -----------------------------------------------------------------------------
 
 
@@ -293,9 +417,178 @@ def test_keys_with_plus_slash_and_unicode_round_trip(agent, docker_client) -> No
 
 
 def test_typed_results_are_read_from_a_real_status(agent) -> None:
+    following_events(agent)
     status = sac.Client(str(agent.socket_path)).status()
     assert status.docker.reachable and status.docker.error is None
     assert status.policy.max_count == 100 and status.snapshots.count == 0
+    assert status.snapshots.leases == 0 and status.snapshots.unique_bytes == 0
+    assert (status.policy.disk_high, status.policy.disk_low) == ("off", "off")
+    assert status.policy.size_accounting == "unique" and status.policy.projects == {}
+    assert status.disk is None  # the test agents run with the watermarks off
     assert status.last_eviction is not None and status.last_eviction.trigger == "start"
     assert status.last_eviction.started_at.tzinfo is not None
+    assert (status.last_eviction.leased, status.last_eviction.reclaimed_bytes) == (0, 0)
     assert sac.to_json(status) == agent.status()
+
+
+def test_status_reads_a_measured_disk_and_project_limits(make_agent) -> None:
+    """Watermarks no disk reaches (100% used), so nothing is evicted for the disk."""
+    agent = make_agent(disk_high="100%", disk_low="99%", projects={"Big": {"max_count": 7}})
+    following_events(agent)
+    status = sac.Client(str(agent.socket_path)).status()
+    disk = status.disk
+    assert disk is not None and disk.error is None and disk.path
+    assert disk.total_bytes and 0 <= disk.free_bytes <= disk.total_bytes
+    assert disk.high_free_bytes == 0 and disk.above_high is False
+    assert 0.0 <= disk.used_ratio <= 1.0
+    assert (status.policy.disk_high, status.policy.disk_low) == ("100%", "99%")
+    assert status.policy.limits_for("Big") == sac.Limits(86400, 7, 10 * 1024**3)
+    assert status.policy.limits_for("other").max_count == 100
+    assert sac.to_json(status) == agent.status()
+
+
+def test_status_reads_a_disk_that_cannot_be_measured(make_agent) -> None:
+    """Only `path` and `error` then; the typed result turns back into exactly that."""
+    agent = make_agent(start=False, disk_high="90%", disk_low="80%")
+    agent.extra["docker"] = {"url": agent.docker_url, "data_root": "/nonexistent/docker"}
+    agent.write_config()
+    agent.start()
+    following_events(agent)
+    status = sac.Client(str(agent.socket_path)).status()
+    assert status.disk is not None and status.disk.path == "/nonexistent/docker"
+    assert status.disk.error and status.disk.total_bytes is None
+    assert sac.to_json(status) == agent.status()
+
+
+# --- leases and the dry run's explanation, on a real agent -------------------------------------
+
+
+def test_a_lookup_with_a_lease_protects_the_image_until_it_is_released(
+    make_agent, docker_client
+) -> None:
+    agent = make_agent(max_count=0)  # evicts every snapshot it may
+    tag = sac.snapshot_tag("Proj", "leased")
+    image_id = make_image(docker_client, tag)
+    client = sac.Client(str(agent.socket_path))
+    client.register("Proj", "leased", tag)
+    before = datetime.now(UTC)
+    found = client.lookup("Proj", "leased", lease_seconds=300)
+    assert isinstance(found, sac.FoundSnapshot) and isinstance(found, sac.Snapshot)
+    lease = found.lease
+    assert lease is not None and (lease.project, lease.work_item) == ("Proj", "leased")
+    assert lease.image_id == image_id == found.image_id
+    assert (
+        before + timedelta(seconds=299)
+        <= lease.expires_at
+        <= datetime.now(UTC) + timedelta(seconds=300)
+    )
+    assert client.evict().evicted == []  # a real run leaves it
+    assert image_exists(docker_client, image_id)
+    explained = client.evict(dry_run=True)
+    assert explained.evicted == [] and explained.disk_bytes_to_free == 0
+    (skipped,) = explained.skipped
+    assert (skipped.image, skipped.reason, skipped.protected_by) == (tag, "count", "leased")
+    assert skipped.unique_bytes and skipped.age_seconds >= 0 and skipped.idle_seconds >= 0
+    assert client.status().snapshots.leases == 1
+    assert client.release(lease.id) == lease
+    with pytest.raises(sac.LeaseNotFoundError) as caught:
+        client.release(lease.id)
+    assert (caught.value.code, caught.value.status) == ("lease-not-found", 404)
+    (outcome,) = client.evict().evicted
+    assert (outcome.image_id, outcome.reason, outcome.result) == (image_id, "count", "removed")
+    assert not image_exists(docker_client, image_id)
+
+
+def test_a_lease_holds_back_an_invalidated_images_removal(agent, docker_client) -> None:
+    """DELETE answers `leased`; a dry run shows the pending removal and what holds it."""
+    tag = sac.snapshot_tag("Proj", "held")
+    image_id = make_image(docker_client, tag)
+    client = sac.Client(str(agent.socket_path))
+    client.register("Proj", "held", tag)
+    lease = client.lease("Proj", "held", 600)
+    assert client.delete("Proj", "held").result == "leased"
+    assert client.lookup("Proj", "held") is None  # invalidated at once all the same
+    (pending,) = client.evict(dry_run=True).evicted
+    assert (pending.image_id, pending.reason, pending.result) == (image_id, "invalidated", "leased")
+    assert image_exists(docker_client, image_id)
+    client.release(lease.id)
+    assert [(o.image_id, o.result) for o in client.evict().evicted] == [(image_id, "removed")]
+
+
+def test_a_lease_holds_back_a_superseded_images_removal(agent, docker_client) -> None:
+    """A lease protects the image, not the key: registering a newer image for the key leaves
+    the leased one pending (`leased`) until the lease ends."""
+    old_tag, new_tag = "cascade-snapshot-sup-old:latest", "cascade-snapshot-sup-new:latest"
+    old_id = make_image(docker_client, old_tag)
+    make_image(docker_client, new_tag)
+    client = sac.Client(str(agent.socket_path))
+    client.register("Proj", "sup", old_tag)
+    lease = client.lease("Proj", "sup", 600)
+    client.register("Proj", "sup", new_tag)  # supersedes the leased image
+    wait_until(lambda: client.status().snapshots.pending_removal == 1, message="pending removal")
+    (pending,) = client.evict(dry_run=True).evicted
+    assert (pending.image_id, pending.reason, pending.result) == (old_id, "superseded", "leased")
+    assert [(o.image_id, o.result) for o in client.evict().evicted] == [(old_id, "leased")]
+    assert image_exists(docker_client, old_id)
+    client.release(lease.id)
+    assert [(o.image_id, o.result) for o in client.evict().evicted] == [(old_id, "removed")]
+
+
+def test_leases_survive_a_restart(make_agent, docker_client) -> None:
+    agent = make_agent(max_count=0)
+    tag = sac.snapshot_tag("Proj", "durable")
+    image_id = make_image(docker_client, tag)
+    client = sac.Client(str(agent.socket_path))
+    client.register("Proj", "durable", tag)
+    lease = client.lease("Proj", "durable", 600)
+    agent.stop()
+    agent.start()  # its start-up run would evict the snapshot but for the lease
+    assert client.status().snapshots.leases == 1
+    assert client.evict().evicted == [] and image_exists(docker_client, image_id)
+    assert client.release(lease.id) == lease
+
+
+def test_a_dry_run_explains_what_goes_and_what_protects_the_rest(make_agent, docker_client):
+    """max_count 0: the count rule wants all three; one is in use, one leased, one goes."""
+    agent = make_agent(max_count=0)
+    tags = {name: sac.snapshot_tag("Proj", name) for name in ("used", "leased", "free")}
+    ids = {name: make_image(docker_client, tag) for name, tag in tags.items()}
+    client = sac.Client(str(agent.socket_path))
+    for name, tag in tags.items():
+        client.register("Proj", name, tag)
+    create_stopped_container(docker_client, tags["used"])
+    client.lease("Proj", "leased", 600)
+    explained = client.evict(dry_run=True)
+    assert explained.dry_run and explained.disk_bytes_to_free == 0
+    (planned,) = explained.evicted
+    assert (planned.work_item, planned.reason, planned.result) == ("free", "count", "planned")
+    assert planned.unique_bytes and planned.age_seconds is not None
+    assert planned.idle_seconds is not None and planned.idle_seconds <= planned.age_seconds
+    assert {(s.work_item, s.reason, s.protected_by) for s in explained.skipped} == {
+        ("used", "count", "in-use"),
+        ("leased", "count", "leased"),
+    }
+    assert all(image_exists(docker_client, image_id) for image_id in ids.values())
+    wire = sac.to_json(explained)
+    assert sorted(wire) == ["disk_bytes_to_free", "dry_run", "evicted", "skipped"]
+    assert sorted(wire["skipped"][0]) == sorted(
+        [*OLD_ENTRY, "unique_bytes", "age_seconds", "idle_seconds", "reason", "protected_by"]
+    )
+
+
+def test_lease_errors_on_a_real_agent(agent, docker_client) -> None:
+    client = sac.Client(str(agent.socket_path))
+    with pytest.raises(sac.SnapshotNotFoundError):
+        client.lease("Proj", "nothing", 60)
+    tag = sac.snapshot_tag("Proj", "x")
+    make_image(docker_client, tag)
+    client.register("Proj", "x", tag)
+    for seconds in (0, 86401):
+        with pytest.raises(sac.InvalidFieldError, match="seconds"):
+            client.lease("Proj", "x", seconds)
+        with pytest.raises(sac.InvalidFieldError, match="lease_seconds"):
+            client.lookup("Proj", "x", lease_seconds=seconds)
+    with pytest.raises(sac.LeaseNotFoundError):
+        client.release("0123456789abcdef01234567")
+    assert client.lookup("Proj", "missing", lease_seconds=60) is None  # a miss leases nothing
+    assert client.status().snapshots.leases == 0

@@ -14,9 +14,17 @@ import pytest
 from snapagentd import client as sac
 
 from .engine import make_image
-from .test_client import FAST_RETRY, CannedAgent, SignallingRetry, error_answer, http_answer
+from .test_client import (
+    FAST_RETRY,
+    CannedAgent,
+    SignallingRetry,
+    error_answer,
+    following_events,
+    http_answer,
+)
 from .test_contracts import (
     Scenario,
+    bind_request,
     check_client_outcome,
     client_call,
     describe,
@@ -45,7 +53,8 @@ async def test_async_client_replays_the_examples(
 ) -> None:
     agent, bindings = start_scenario(scenario, make_agent, docker_client)
     async with sac.AsyncClient(str(agent.socket_path), timeout=60) as client:
-        for index, exchange in enumerate(scenario.exchanges):
+        for index, example in enumerate(scenario.exchanges):
+            exchange = bind_request(example, bindings)
             name, kwargs = client_call(exchange)
             try:
                 outcome = await getattr(client, name)(**kwargs)
@@ -137,3 +146,42 @@ async def test_close_ends_the_session_and_a_later_call_opens_a_new_one(agent) ->
     await client.close()  # twice is harmless
     assert (await client.status()).snapshots.count == 0
     await client.close()
+
+
+async def test_lease_release_and_a_dry_run_explanation(make_agent, docker_client) -> None:
+    """The asyncio flavour of leases: lookup with a lease, the dry run's `skipped`, release."""
+    agent = make_agent(max_count=0)
+    tag = sac.snapshot_tag("Proj", "async-lease")
+    image_id = make_image(docker_client, tag)
+    async with sac.AsyncClient(str(agent.socket_path)) as client:
+        await client.register("Proj", "async-lease", tag)
+        found = await client.lookup("Proj", "async-lease", lease_seconds=120)
+        assert isinstance(found, sac.FoundSnapshot) and found.lease is not None
+        assert found.lease.image_id == image_id
+        explained = await client.evict(dry_run=True)
+        assert explained.evicted == [] and explained.disk_bytes_to_free == 0
+        assert [(s.image_id, s.protected_by) for s in explained.skipped] == [(image_id, "leased")]
+        second = await client.lease("Proj", "async-lease", 60)
+        assert second.id != found.lease.id
+        assert (await client.status()).snapshots.leases == 2
+        assert await client.release(found.lease.id) == found.lease
+        assert await client.release(second.id) == second
+        with pytest.raises(sac.LeaseNotFoundError):
+            await client.release(second.id)
+        (outcome,) = (await client.evict()).evicted
+        assert (outcome.image_id, outcome.result, outcome.age_seconds) == (
+            image_id,
+            "removed",
+            None,
+        )
+        with pytest.raises(sac.SnapshotNotFoundError):
+            await client.lease("Proj", "async-lease", 60)
+
+
+async def test_async_status_round_trips_the_new_fields(agent) -> None:
+    await asyncio.to_thread(following_events, agent)
+    async with sac.AsyncClient(str(agent.socket_path)) as client:
+        status = await client.status()
+    assert status.disk is None and status.snapshots.leases == 0
+    assert status.policy.disk_interval_seconds == 30
+    assert sac.to_json(status) == agent.status()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from .agent import REPO
-from .engine import image_exists, make_image
+from .engine import create_stopped_container, image_exists, make_image
 
 pytestmark = pytest.mark.usefixtures("clean_engine")
 
@@ -46,7 +46,11 @@ def test_register_lookup_list_evict_remove(make_agent, docker_client):
     assert len(done.stdout.splitlines()) == 3
 
     done = ctl(agent, "evict", "--dry-run")
-    assert done.returncode == 0 and "planned" in done.stdout and "w1" in done.stdout
+    assert done.returncode == 0, done.stderr
+    header, planned = done.stdout.splitlines()[:2]
+    assert header.split() == ["REASON", "IMAGE", "AGE", "LAST", "USE", "UNIQUE", "RESULT"]
+    assert planned.split()[:2] == ["count", "cascade-snapshot-c1:latest"]
+    assert planned.split()[-1] == "planned"
     assert image_exists(docker_client, old)
     done = ctl(agent, "evict")
     assert done.returncode == 0 and "removed" in done.stdout
@@ -56,6 +60,59 @@ def test_register_lookup_list_evict_remove(make_agent, docker_client):
     assert done.returncode == 0 and "removed" in done.stdout
     done = ctl(agent, "status")
     assert done.returncode == 0 and "reachable" in done.stdout
+
+
+def test_lease_lookup_with_a_lease_and_release(make_agent, docker_client):
+    """max_count 0: the count rule wants every snapshot; leases and a container keep them."""
+    agent = make_agent(max_count=0)
+    for name in ("leased", "looked-up", "used"):
+        make_image(docker_client, f"cascade-snapshot-l-{name}:latest")
+        done = ctl(agent, "register", "Proj", name, f"cascade-snapshot-l-{name}:latest")
+        assert done.returncode == 0, done.stderr
+    create_stopped_container(docker_client, "cascade-snapshot-l-used:latest")
+
+    done = ctl(agent, "--json", "lease", "Proj", "leased", "600")
+    assert done.returncode == 0, done.stderr
+    lease_id = json.loads(done.stdout)["lease"]["id"]
+    done = ctl(agent, "lookup", "Proj", "looked-up", "--lease", "60")
+    assert done.returncode == 0, done.stderr
+    pairs = dict(line.split(":", 1) for line in done.stdout.splitlines())
+    assert pairs["lease"].strip() and "(in " in pairs["expires"]  # 1m, or 59s by now
+    assert pairs["unique"].strip() == "-"  # no eviction run has measured it yet
+
+    done = ctl(agent, "evict", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    nothing, blank, title, header, *rows = done.stdout.splitlines()
+    assert (nothing, blank, title) == ("nothing to evict", "", "skipped:")
+    assert header.split()[-2:] == ["PROTECTED", "BY"]
+    protected = {row.split()[1]: row.split()[-1] for row in rows}
+    assert protected == {
+        "cascade-snapshot-l-leased:latest": "leased",
+        "cascade-snapshot-l-looked-up:latest": "leased",
+        "cascade-snapshot-l-used:latest": "in-use",
+    }
+    assert all(row.split()[0] == "count" for row in rows)
+
+    done = ctl(agent, "status")
+    assert done.returncode == 0, done.stderr
+    status = dict(line.split(":", 1) for line in done.stdout.splitlines())
+    assert status["snapshots"].strip().endswith(", 0 pending removal, 2 leases")
+    assert " virtual, " in status["snapshots"] and " unique, " in status["snapshots"]
+    assert status["disk"].strip() == "watermarks off"
+
+    done = ctl(agent, "release", lease_id)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split() == ["lease:", lease_id]
+    assert done.stdout.splitlines()[-1] == "released:  yes"
+    done = ctl(agent, "release", lease_id)
+    assert done.returncode == 1 and "lease-not-found" in done.stderr
+    done = ctl(agent, "evict")
+    assert done.returncode == 0 and "cascade-snapshot-l-leased:latest" in done.stdout
+    assert "removed" in done.stdout
+    done = ctl(agent, "lease", "Proj", "leased", "60")  # its entry is gone now
+    assert done.returncode == 1 and "snapshot-not-found" in done.stderr
+    done = ctl(agent, "lease", "Proj", "used", "0")
+    assert done.returncode == 2 and "from 1 to 86400" in done.stderr
 
 
 def test_server_error_is_exit_1_with_its_message(agent):

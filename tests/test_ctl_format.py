@@ -69,6 +69,69 @@ STATUS = {
     "last_eviction": None,
     "journal": {"path": "/var/lib/snapagentd/journal.jsonl", "records": 12},
 }
+# What this version's agent answers: unique bytes, leases, events, the disk, project limits.
+NEW_STATUS = {
+    "version": "0.2.0",
+    "docker": {
+        "reachable": True,
+        "error": None,
+        "url": "unix:///run/docker.sock",
+        "events": {"connected": True, "reconnects": 0},
+    },
+    "snapshots": {
+        "count": 3,
+        "total_size_bytes": 1234568889,
+        "unique_bytes": 300_000_000,
+        "pending_removal": 1,
+        "leases": 2,
+    },
+    "disk": {
+        "path": "/var/lib/docker",
+        "total_bytes": 100_000_000_000,
+        "free_bytes": 10_000_000_000,
+        "used_ratio": 0.9,
+        "high_free_bytes": 15_000_000_000,
+        "low_free_bytes": 20_000_000_000,
+        "above_high": True,
+        "error": None,
+    },
+    "policy": {
+        **STATUS["policy"],
+        "disk_high": "85%",
+        "disk_low": "80%",
+        "disk_interval_seconds": 30,
+        "size_accounting": "unique",
+        "projects": {
+            "Small": {"ttl_seconds": 3600, "max_count": 2, "max_size_bytes": 10**9},
+            "Big": {"ttl_seconds": 7 * 86400, "max_count": 50, "max_size_bytes": 10**11},
+        },
+    },
+    "last_eviction": {
+        "started_at": "2024-05-01T11:55:00Z",
+        "finished_at": "2024-05-01T11:55:02Z",
+        "trigger": "disk",
+        "removed": 2,
+        "in_use": 0,
+        "already_gone": 0,
+        "failed": 0,
+        "leased": 1,
+        "reclaimed_bytes": 2_500_000_000,
+        "error": None,
+    },
+    "journal": {"path": "/var/lib/snapagentd/journal.jsonl", "records": 12},
+}
+LEASE = {
+    "id": "9f2c4e1a7b3d5f60c8e1a2b4",
+    "project": "Proj",
+    "work_item": "MNG-1",
+    "image_id": "sha256:0123456789abcdef0123",
+    "expires_at": "2024-05-01T12:05:00.000000Z",
+}
+
+
+def explained(entry: dict, **extra: object) -> dict:
+    """`entry` as a dry run gives it: with unique bytes, age and idle time."""
+    return {**entry, "unique_bytes": 999_000, "age_seconds": 86400, "idle_seconds": 10800, **extra}
 
 
 # --- sizes, durations, ages ------------------------------------------------------------------
@@ -184,16 +247,18 @@ def test_format_pairs_aligns_values() -> None:
 
 
 def test_render_list() -> None:
-    body = {"snapshots": [ENTRY, UNICODE_ENTRY, DISCOVERED_ENTRY]}
+    """UNIQUE: the bytes only the image holds; '-' unmeasured (null) or from an older agent."""
+    body = {"snapshots": [{**ENTRY, "unique_bytes": 1000}, UNICODE_ENTRY, DISCOVERED_ENTRY]}
+    body["snapshots"][1] = {**UNICODE_ENTRY, "unique_bytes": None}
     assert render("list", body, NOW).split("\n") == [
         "PROJECT           WORK ITEM  IMAGE                               ID            SIZE    "
-        "CREATED  LAST USED  SOURCE",
+        "UNIQUE  CREATED  LAST USED  SOURCE",
         "Proj              MNG-1      cascade-snapshot-proj-mng-1:latest  0123456789ab  1.2 GB  "
-        "1d ago   3h ago     registered",
+        "1.0 kB  1d ago   3h ago     registered",
         "日本プロジェクト  é-2        cascade-snapshot-x:latest           fedcba987654  -       "
-        "1m ago   -          registered",
+        "-       1m ago   -          registered",
         "-                 -          cascade-snapshot-old:latest         aaaaaaaaaaaa  999 B   "
-        "30d ago  -          discovered",
+        "-       30d ago  -          discovered",
     ]
 
 
@@ -223,6 +288,48 @@ def test_render_empty_evict() -> None:
     assert render("evict", {"dry_run": False, "evicted": []}, NOW) == "nothing to evict"
 
 
+def test_render_dry_run_explanation() -> None:
+    """In eviction order (as sent): reason, image, age, last use, unique bytes, result; then
+    what was skipped and what protected it; then the disk, when it wants bytes back."""
+    body = {
+        "dry_run": True,
+        "evicted": [
+            explained(DISCOVERED_ENTRY, reason="ttl", result="planned", idle_seconds=2592000),
+            explained(ENTRY, reason="invalidated", result="leased", unique_bytes=None),
+        ],
+        "skipped": [
+            explained(UNICODE_ENTRY, reason="count", protected_by="min-age", idle_seconds=90),
+            explained(ENTRY, reason="disk", protected_by="in-use", age_seconds=5),
+        ],
+        "disk_bytes_to_free": 4_200_000_000,
+    }
+    assert render("evict", body, NOW).split("\n") == [
+        "REASON       IMAGE                               AGE  LAST USE  UNIQUE    RESULT",
+        "ttl          cascade-snapshot-old:latest         1d   never     999.0 kB  planned",
+        "invalidated  cascade-snapshot-proj-mng-1:latest  1d   3h ago    -         leased",
+        "",
+        "skipped:",
+        "REASON  IMAGE                               AGE  LAST USE  UNIQUE    PROTECTED BY",
+        "count   cascade-snapshot-x:latest           1d   never     999.0 kB  min-age",
+        "disk    cascade-snapshot-proj-mng-1:latest  5s   3h ago    999.0 kB  in-use",
+        "",
+        "disk: above the high watermark, 4.2 GB to free",
+    ]
+
+
+def test_render_dry_run_with_nothing_to_evict_and_nothing_skipped() -> None:
+    body = {"dry_run": True, "evicted": [], "skipped": [], "disk_bytes_to_free": 0}
+    assert render("evict", body, NOW) == "nothing to evict"
+    skipped = [explained(ENTRY, reason="count", protected_by="leased")]
+    assert render("evict", {**body, "skipped": skipped}, NOW).split("\n") == [
+        "nothing to evict",
+        "",
+        "skipped:",
+        "REASON  IMAGE                               AGE  LAST USE  UNIQUE    PROTECTED BY",
+        "count   cascade-snapshot-proj-mng-1:latest  1d   3h ago    999.0 kB  leased",
+    ]
+
+
 @pytest.mark.parametrize("command", ["lookup", "register"])
 def test_render_single_snapshot(command: str) -> None:
     assert render(command, {"snapshot": ENTRY}, NOW) == (
@@ -235,6 +342,37 @@ def test_render_single_snapshot(command: str) -> None:
         "last used: 2024-05-01T09:00:00.000000Z (3h ago)\n"
         "source:    registered"
     )
+
+
+def test_render_single_snapshot_with_unique_bytes() -> None:
+    lines = render("register", {"snapshot": {**ENTRY, "unique_bytes": 2048}}, NOW).split("\n")
+    assert lines[4:7] == [
+        "size:      1.2 GB (1234567890 bytes)",
+        "unique:    2.0 kB (2048 bytes)",
+        "created:   2024-04-30T12:00:00.000000Z (1d ago)",
+    ]
+    unmeasured = render("register", {"snapshot": {**ENTRY, "unique_bytes": None}}, NOW)
+    assert "unique:    -" in unmeasured.split("\n")
+
+
+def test_render_lookup_with_its_lease() -> None:
+    body = {"snapshot": {**ENTRY, "unique_bytes": None}, "lease": LEASE}
+    assert render("lookup", body, NOW).split("\n")[-2:] == [
+        "lease:     9f2c4e1a7b3d5f60c8e1a2b4",
+        "expires:   2024-05-01T12:05:00.000000Z (in 5m)",
+    ]
+
+
+def test_render_lease_and_release() -> None:
+    assert render("lease", {"lease": LEASE}, NOW) == (
+        "lease:     9f2c4e1a7b3d5f60c8e1a2b4\n"
+        "project:   Proj\n"
+        "work item: MNG-1\n"
+        "id:        sha256:0123456789abcdef0123\n"
+        "expires:   2024-05-01T12:05:00.000000Z (in 5m)"
+    )
+    released = render("release", {"lease": LEASE, "released": True}, NOW)
+    assert released == render("lease", {"lease": LEASE}, NOW) + "\nreleased:  yes"
 
 
 def test_render_remove_with_null_fields() -> None:
@@ -303,6 +441,65 @@ def test_render_status_eviction_still_running() -> None:
     )
 
 
+def test_render_status_of_this_version() -> None:
+    """Virtual and unique bytes, leases, the event stream, the disk against its watermarks,
+    the projects with limits of their own, leased removals and reclaimed bytes."""
+    assert render("status", NEW_STATUS, NOW).split("\n") == [
+        "version:       0.2.0",
+        "docker:        reachable (unix:///run/docker.sock), events connected",
+        "snapshots:     3, 1.2 GB virtual, 300.0 MB unique, 1 pending removal, 2 leases",
+        "disk:          90.0% used, 10.0 GB free of 100.0 GB (/var/lib/docker): "
+        "ABOVE the high watermark",
+        "watermarks:    high 85% (evict below 15.0 GB free), low 80% (until 20.0 GB free), "
+        "checked every 30s",
+        "policy:        ttl 1d, max 5 snapshots, max 10.7 GB, every 5m, min age 0s, sizes unique",
+        "projects:      Big: ttl 7d, max 50 snapshots, max 100.0 GB; "
+        "Small: ttl 1h, max 2 snapshots, max 1.0 GB",
+        "last eviction: 5m ago (disk): 2 removed, 0 in use, 0 already gone, 0 failed, 1 leased, "
+        "2.5 GB reclaimed",
+        "journal:       /var/lib/snapagentd/journal.jsonl (12 records)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "line"),
+    [
+        ({"disk": None}, "disk:          watermarks off"),
+        (
+            {"disk": {"path": "/srv/docker", "error": "cannot measure /srv/docker (EACCES)"}},
+            "disk:          cannot measure /srv/docker: cannot measure /srv/docker (EACCES)",
+        ),
+        (
+            {"disk": {"path": None, "error": "Docker is not reachable: refused"}},
+            "disk:          cannot measure: Docker is not reachable: refused",
+        ),
+    ],
+)
+def test_render_status_disk_off_or_unmeasured(change: dict, line: str) -> None:
+    lines = render("status", {**NEW_STATUS, **change}, NOW).split("\n")
+    assert lines[3] == line
+    assert not lines[4].startswith("watermarks:")
+
+
+def test_render_status_events_and_unmeasured_bytes() -> None:
+    body = {
+        **NEW_STATUS,
+        "docker": {**NEW_STATUS["docker"], "events": {"connected": False, "reconnects": 3}},
+        "snapshots": {**NEW_STATUS["snapshots"], "unique_bytes": None, "leases": 1},
+    }
+    lines = render("status", body, NOW).split("\n")
+    assert lines[1] == (
+        "docker:        reachable (unix:///run/docker.sock), events not connected (3 reconnects)"
+    )
+    assert lines[2] == (
+        "snapshots:     3, 1.2 GB virtual, unique not measured yet, 1 pending removal, 1 lease"
+    )
+    no_events = {**NEW_STATUS, "docker": {**NEW_STATUS["docker"], "events": None}}
+    assert render("status", no_events, NOW).split("\n")[1] == (
+        "docker:        reachable (unix:///run/docker.sock)"
+    )
+
+
 def test_render_escapes_control_characters_from_the_server() -> None:
     entry = {**ENTRY, "project": "evil\x1b]0;title\x07", "work_item": "a\nb"}
     output = render("lookup", {"snapshot": entry}, NOW)
@@ -328,6 +525,25 @@ def test_render_escapes_control_characters_from_the_server() -> None:
             "pending_removal is not a non-negative integer: 'x'",
         ),
         ("remove", {"snapshot": ENTRY}, "missing field 'result'"),
+        (
+            "evict",
+            {"dry_run": True, "evicted": [], "skipped": [explained(ENTRY, reason="count")]},
+            "missing field 'protected_by'",
+        ),
+        (
+            "evict",
+            {"dry_run": True, "evicted": [], "skipped": [], "disk_bytes_to_free": -1},
+            "disk_bytes_to_free is not a non-negative integer",
+        ),
+        ("evict", {"dry_run": True, "evicted": [ENTRY], "skipped": []}, "missing field 'result'"),
+        (
+            "status",
+            {**NEW_STATUS, "disk": {**NEW_STATUS["disk"], "used_ratio": "90%"}},
+            "used_ratio is not a number: '90%'",
+        ),
+        ("lease", {"lease": {**LEASE, "expires_at": "soon"}}, "soon"),
+        ("release", {"lease": LEASE, "released": False}, "released is not true"),
+        ("release", {"lease": LEASE}, "missing field 'released'"),
     ],
 )
 def test_render_malformed_answers(command: str, body: dict, message: str) -> None:
@@ -400,6 +616,18 @@ PW = {"project": "P", "work_item": "W"}
             ("POST", "/v1/snapshots", {**PW, "image": "img", "size_bytes": 0}),
         ),
         (["remove", "P", "a b&c"], ("DELETE", "/v1/snapshots?project=P&work_item=a+b%26c", None)),
+        (
+            ["lookup", "P", "W", "--lease", "300"],
+            ("POST", "/v1/snapshots/lookup", {**PW, "lease_seconds": 300}),
+        ),
+        (
+            ["lease", "P", "W", "86400"],
+            ("POST", "/v1/snapshots/lease", {**PW, "seconds": 86400}),
+        ),
+        (
+            ["release", "9f2c 4e&1"],
+            ("DELETE", "/v1/snapshots/lease?id=9f2c+4e%261", None),
+        ),
         (["evict"], ("POST", "/v1/evict", {"dry_run": False})),
         (["evict", "--dry-run"], ("POST", "/v1/evict", {"dry_run": True})),
     ],
@@ -427,6 +655,12 @@ def test_parser_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         ["lookup", "P"],
         ["lookup", "P", "W", "--ttl", "-5"],
         ["register", "P", "W", "img", "--size", "1.5"],
+        ["lookup", "P", "W", "--lease", "0"],
+        ["lookup", "P", "W", "--lease", "86401"],
+        ["lease", "P", "W"],
+        ["lease", "P", "W", "-5"],
+        ["lease", "P", "W", "1m"],
+        ["release"],
         ["--timeout", "0", "status"],
         ["--timeout", "nan", "status"],
     ],

@@ -6,7 +6,8 @@
 //   node scripts/generate-types.mjs --check   exit 1 if src/openapi.ts is not what it would write
 //
 // Covers the OpenAPI 3.0 subset the document uses: $ref, allOf, enum, nullable, object
-// (properties, required), array (items), string, integer, boolean. Zero dependencies.
+// (properties, required, additionalProperties as a map), array (items), string, integer,
+// number, boolean. Zero dependencies.
 import { readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -51,6 +52,11 @@ function objectType(schema, indent) {
     ([name, property]) =>
       `${comment(property.description, inner)}${inner}${name}${required.has(name) ? "" : "?"}: ${typeOf(property, inner)};`,
   );
+  const extra = schema.additionalProperties;
+  if (extra !== undefined && extra !== false && extra !== true) {
+    // A map (e.g. policy.projects: name -> limits): an index signature.
+    members.push(`${inner}[name: string]: ${typeOf(extra, inner)};`);
+  }
   return `{\n${members.join("\n")}\n${indent}}`;
 }
 

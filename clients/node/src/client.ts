@@ -8,6 +8,8 @@ import type {
   DeleteResponse,
   EvictRequest,
   EvictResponse,
+  Lease,
+  LeaseRequest,
   LookupRequest,
   RegisterRequest,
   Snapshot,
@@ -44,6 +46,13 @@ export interface Registration {
   snapshot: Snapshot;
   created: boolean;
 }
+
+/**
+ * What `lookup` found: the entry, now marked used, and `lease`, the lease taken with it when the
+ * request had `lease_seconds` (absent otherwise). The answer has the lease beside the entry; the
+ * client puts it on the entry, so that a lookup still resolves to a `Snapshot`.
+ */
+export type FoundSnapshot = Snapshot & { lease?: Lease };
 
 /** The key of an entry: (project, work item). */
 export interface SnapshotKey {
@@ -89,16 +98,41 @@ export class SnapagentdClient {
 
   /**
    * The key's usable snapshot, now marked used; null on a miss (404 snapshot-not-found: none,
-   * invalidated, image gone or repointed, or older than `ttl_seconds`).
+   * invalidated, image gone or repointed, or older than `ttl_seconds`, which defaults to the
+   * project's TTL, else the global one). With `lease_seconds` (1 to 86400) the agent also leases
+   * the image in the same request, so no eviction can remove it before the router's `docker
+   * create`: the result's `lease` (release it once the container exists).
    */
-  async lookup(request: LookupRequest): Promise<Snapshot | null> {
+  async lookup(request: LookupRequest): Promise<FoundSnapshot | null> {
     try {
       const { data } = await this.call("POST", "/v1/snapshots/lookup", { json: request });
-      return objectField(data, "snapshot") as Snapshot;
+      const snapshot = objectField(data, "snapshot") as Snapshot;
+      if (data.lease === undefined || data.lease === null) return snapshot;
+      return { ...snapshot, lease: objectField(data, "lease") as Lease };
     } catch (error) {
       if (error instanceof SnapshotNotFoundError) return null;
       throw error;
     }
+  }
+
+  /**
+   * Protect the key's current image from every eviction for `seconds` (1 to 86400). Throws
+   * SnapshotNotFoundError when the key has no entry. Prefer `lookup` with `lease_seconds`, which
+   * cannot miss an eviction between the two calls.
+   */
+  async lease(request: LeaseRequest): Promise<Lease> {
+    const { data } = await this.call("POST", "/v1/snapshots/lease", { json: request });
+    return objectField(data, "lease") as Lease;
+  }
+
+  /**
+   * End a lease early (pass it, or `{ id }`); resolves to it as it was. Throws LeaseNotFoundError
+   * when there is no such lease (released already, or expired and dropped: it protects nothing).
+   */
+  async release(lease: { id: string }): Promise<Lease> {
+    const { data } = await this.call("DELETE", "/v1/snapshots/lease", { query: { id: lease.id } });
+    if (data.released !== true) throw new ProtocolError("malformed answer from snapagentd: released is not true");
+    return objectField(data, "lease") as Lease;
   }
 
   /** All entries (or one project's), sorted by project, then work item. */
@@ -119,7 +153,11 @@ export class SnapagentdClient {
     return data as DeleteResponse;
   }
 
-  /** Run an eviction now (or only plan one) and return what it chose, in no set order. */
+  /**
+   * Run an eviction now and return what it removed, in no set order. With `dry_run`, explain
+   * one instead: what would go, in eviction order, then `skipped` (what a rule wanted but a
+   * protection kept) and `disk_bytes_to_free`; nothing is removed.
+   */
   async evict(request: EvictRequest = {}): Promise<EvictResponse> {
     const json = { dry_run: request.dry_run ?? false };
     const { data } = await this.call("POST", "/v1/evict", { json });

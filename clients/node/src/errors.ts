@@ -73,6 +73,7 @@ export const ImageNotManagedError = errorClass("ImageNotManagedError", 403);
 export const AccessDeniedError = errorClass("AccessDeniedError", 403);
 export const ImageNotFoundError = errorClass("ImageNotFoundError", 404);
 export const SnapshotNotFoundError = errorClass("SnapshotNotFoundError", 404);
+export const LeaseNotFoundError = errorClass("LeaseNotFoundError", 404);
 export const NotFoundError = errorClass("NotFoundError", 404);
 export const MethodNotAllowedError = errorClass("MethodNotAllowedError", 405);
 export const BodyTooLargeError = errorClass("BodyTooLargeError", 413);
@@ -90,6 +91,7 @@ export const ERRORS: Readonly<Record<ErrorCode, ErrorClass>> = {
   "access-denied": AccessDeniedError,
   "image-not-found": ImageNotFoundError,
   "snapshot-not-found": SnapshotNotFoundError,
+  "lease-not-found": LeaseNotFoundError,
   "not-found": NotFoundError,
   "method-not-allowed": MethodNotAllowedError,
   "body-too-large": BodyTooLargeError,

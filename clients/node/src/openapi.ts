@@ -28,7 +28,7 @@ export type ImageId = string;
 export type Timestamp = string;
 
 /**
- * One snapshot entry. Clients should ignore fields they do not know; new fields may be added.
+ * One snapshot entry. Clients should ignore fields they do not know; new fields may be added. Every entry the agent sends carries `unique_bytes` (older agents leave it out of the DELETE answer and a real eviction's outcomes: read a missing one as `null`).
  */
 export type Snapshot = {
   /**
@@ -45,7 +45,7 @@ export type Snapshot = {
   image: string;
   image_id: ImageId;
   /**
-   * Size in bytes: the value given at registration, otherwise Docker's `Size` for the image (which counts shared base layers). `null` when unknown.
+   * Size in bytes: the value given at registration, otherwise Docker's `Size` for the image (which counts shared base layers, so sums over several images over-count). `null` when unknown.
    */
   size_bytes: number | null;
   /**
@@ -60,35 +60,47 @@ export type Snapshot = {
    * `registered`: created by POST /v1/snapshots. `discovered`: found in Docker (managed prefix) at start-up or reconcile with no registration.
    */
   source: "registered" | "discovered";
+  /**
+   * Bytes only this image holds: the layers no other image (managed or not) shares, about what removing it frees. `null` until the agent has measured the image's layers (the first eviction run after start-up or after the image appeared does). In the DELETE answer and a real eviction's outcomes: what the image alone held as last measured, that is what its removal freed if it was removed.
+   */
+  unique_bytes: number | null;
 };
 
 /**
- * Outcome of one image removal. `removed`: Docker removed it. `in-use`: a container uses it; not removed, retried later. `already-gone`: Docker no longer had it. `failed`: any other failure (including Docker unreachable); retried later. `kept`: another entry still holds the same tag and image, so the image stays (DELETE only).
+ * Outcome of one image removal. `removed`: Docker removed it. `in-use`: a container uses it; not removed, retried later. `already-gone`: Docker no longer had it. `failed`: any other failure (including Docker unreachable); retried later. `kept`: another entry still holds the same tag and image, so the image stays (DELETE only). `leased`: a lease protects the image; not asked of Docker, retried once the lease has ended.
  */
-export type RemovalResult = "removed" | "in-use" | "already-gone" | "failed" | "kept";
+export type RemovalResult = "removed" | "in-use" | "already-gone" | "failed" | "kept" | "leased";
 
 /**
- * As `RemovalResult`, plus `planned` for every entry of a dry run (nothing was done).
+ * As `RemovalResult`. In a dry run: `planned` (it would be removed now), or, for a removal already pending, `leased` or `in-use` when that is what holds it back.
  */
-export type EvictionResult = "removed" | "in-use" | "already-gone" | "failed" | "planned";
+export type EvictionResult = "removed" | "in-use" | "already-gone" | "failed" | "leased" | "planned";
 
 /**
- * `ttl`: older than the TTL. `count`: more than `max_count` snapshots. `size`: total size above `max_size_bytes`. `superseded`: another image was registered for the same key, or its tag was re-committed to a newly registered image. `invalidated`: removed with DELETE /v1/snapshots. `repointed`: its tag now names another image, so the recorded image is dangling.
+ * `ttl`: older than the TTL (its project's, or the global one). `count`: more than `max_count` snapshots. `size`: total size above `max_size_bytes`. `disk`: the file system of Docker's data root is above the high watermark. `superseded`: another image was registered for the same key, or its tag was re-committed to a newly registered image. `invalidated`: removed with DELETE /v1/snapshots. `repointed`: its tag now names another image, so the recorded image is dangling. `leaked`: a dangling image an entry once referenced, or one carrying the configured `docker.dangling_label` (real runs only).
  */
-export type EvictionReason = "ttl" | "count" | "size" | "superseded" | "invalidated" | "repointed";
+export type EvictionReason = "ttl" | "count" | "size" | "disk" | "superseded" | "invalidated" | "repointed" | "leaked";
 
 /**
- * A snapshot entry with the reason it was chosen and the outcome of its removal.
+ * A snapshot entry an eviction chose (or would choose), with the reason and the outcome of its removal (and, like every entry, its `unique_bytes`). Dry-run items also carry `age_seconds` and `idle_seconds`; a real run's outcomes do not.
  */
 export type EvictedSnapshot = Snapshot & {
   reason: EvictionReason;
   result: EvictionResult;
+  /**
+   * Seconds since `created_at` (dry run only).
+   */
+  age_seconds?: number;
+  /**
+   * Seconds since the last use, or since `created_at` if never used (dry run only).
+   */
+  idle_seconds?: number;
 };
 
 /**
  * Stable machine-readable code. Branch on this, never on `message`.
  */
-export type ErrorCode = "invalid-json" | "invalid-field" | "image-not-managed" | "access-denied" | "image-not-found" | "snapshot-not-found" | "not-found" | "method-not-allowed" | "body-too-large" | "docker-error" | "docker-unavailable" | "journal-unavailable" | "too-many-connections" | "internal-error";
+export type ErrorCode = "invalid-json" | "invalid-field" | "image-not-managed" | "access-denied" | "image-not-found" | "snapshot-not-found" | "lease-not-found" | "not-found" | "method-not-allowed" | "body-too-large" | "docker-error" | "docker-unavailable" | "journal-unavailable" | "too-many-connections" | "internal-error";
 
 export type Error = {
   error: {
@@ -120,9 +132,13 @@ export type LookupRequest = {
   project: Project;
   work_item: WorkItem;
   /**
-   * Maximum age in seconds for this lookup. Defaults to the policy TTL (`policy.ttl_seconds` in GET /v1/status).
+   * Maximum age in seconds for this lookup. Defaults to the TTL of the project (`policy.projects` in GET /v1/status) or else the global one (`policy.ttl_seconds`).
    */
   ttl_seconds?: number;
+  /**
+   * Also take a lease of this many seconds (1 to 86400) on the snapshot found, in the same request, so that no eviction can remove it between the lookup and the router's `docker create`. The answer then has `lease`. Nothing is leased on a miss.
+   */
+  lease_seconds?: number;
 };
 
 /**
@@ -130,7 +146,7 @@ export type LookupRequest = {
  */
 export type EvictRequest = {
   /**
-   * When true, report what would be removed and change nothing.
+   * When true, report what a run would remove now and what protects the rest; remove nothing.
    */
   dry_run?: boolean;
 };
@@ -151,14 +167,25 @@ export type DeleteResponse = {
   result: RemovalResult;
 };
 
+/**
+ * A real run: `dry_run` false and the outcome of each removal it attempted. A dry run: `dry_run` true, `evicted` in eviction order, and also `skipped` and `disk_bytes_to_free`.
+ */
 export type EvictResponse = {
   dry_run: boolean;
   evicted: EvictedSnapshot[];
+  /**
+   * Dry run only: snapshots a rule wanted but a protection kept, in the order the rules met them.
+   */
+  skipped?: SkippedSnapshot[];
+  /**
+   * Dry run only: bytes the disk rule wants back (0 unless the file system of Docker's data root is above the high watermark).
+   */
+  disk_bytes_to_free?: number;
 };
 
 export type Policy = {
   /**
-   * Snapshots older than this are evicted (reason `ttl`).
+   * Snapshots older than this are evicted (reason `ttl`); the default TTL of a lookup.
    */
   ttl_seconds: number;
   /**
@@ -166,7 +193,7 @@ export type Policy = {
    */
   max_count: number;
   /**
-   * Total size kept at or below this (reason `size`).
+   * Total size kept at or below this (reason `size`), counted as `size_accounting` says.
    */
   max_size_bytes: number;
   /**
@@ -174,9 +201,31 @@ export type Policy = {
    */
   interval_seconds: number;
   /**
-   * The policy never picks a snapshot younger than this.
+   * Count, size and disk never pick a snapshot younger than this (the TTL does).
    */
   min_age_seconds: number;
+  /**
+   * High watermark on the file system of Docker's data root: a used percentage (`85%`) or free space (`20GiB`); above it, eviction by reason `disk` starts. `off`: no disk rule.
+   */
+  disk_high: string;
+  /**
+   * Low watermark, in the same forms: the disk rule evicts until it is met. `off` when `disk_high` is.
+   */
+  disk_low: string;
+  /**
+   * How often the disk is measured (a statvfs; a run only above the high mark).
+   */
+  disk_interval_seconds: number;
+  /**
+   * What `max_size_bytes` and the disk rule count per image: `unique` bytes (shared layers once) or Docker's `virtual` Size.
+   */
+  size_accounting: "unique" | "virtual";
+  /**
+   * Projects with limits of their own (`[policy.projects."name"]`), by name; each is a pool apart from the global one.
+   */
+  projects: {
+    [name: string]: Limits;
+  };
 };
 
 /**
@@ -186,13 +235,21 @@ export type LastEviction = {
   started_at: Timestamp;
   finished_at: Timestamp;
   /**
-   * `start`: daemon start-up. `timer`: the periodic timer. `api`: POST /v1/evict. `docker-returned`: Docker became reachable again.
+   * `start`: daemon start-up. `timer`: the periodic timer. `api`: POST /v1/evict. `docker-returned`: Docker became reachable again. `disk`: the disk was found above the high watermark.
    */
-  trigger: "start" | "timer" | "api" | "docker-returned";
+  trigger: "start" | "timer" | "api" | "docker-returned" | "disk";
   removed: number;
   in_use: number;
   already_gone: number;
   failed: number;
+  /**
+   * Removals held back by a lease.
+   */
+  leased: number;
+  /**
+   * Unique bytes of the images the run removed (those it had measured).
+   */
+  reclaimed_bytes: number;
   /**
    * Why the run could not complete (for example Docker unreachable); `null` if it completed.
    */
@@ -214,6 +271,7 @@ export type Status = {
      * Configured Docker endpoint (`docker.url`).
      */
     url: string;
+    events: DockerEvents;
   };
   snapshots: {
     /**
@@ -221,14 +279,23 @@ export type Status = {
      */
     count: number;
     /**
-     * Sum of the known `size_bytes` of the entries.
+     * Sum of the known `size_bytes` of the entries, each image once (over-counts shared layers).
      */
     total_size_bytes: number;
+    /**
+     * Bytes only the snapshots hold (shared layers counted once, layers shared with other images not at all): about what removing them all frees. As of the end of the last eviction run (after its removals) or the last dry run; `null` before one has measured.
+     */
+    unique_bytes: number | null;
     /**
      * Image removals not yet confirmed; retried by every eviction run.
      */
     pending_removal: number;
+    /**
+     * Leases held (expired ones are dropped at the next eviction run).
+     */
+    leases: number;
   };
+  disk: DiskStatus;
   policy: Policy;
   last_eviction: LastEviction;
   journal: {
@@ -239,3 +306,134 @@ export type Status = {
     records: number;
   };
 };
+
+/**
+ * Why a snapshot a rule wanted was left alone. `in-use`: a container (running or stopped) uses its image. `leased`: a lease protects its image. `min-age`: younger than `min_age_seconds` (protects from count, size and disk, never from the TTL).
+ */
+export type Protection = "in-use" | "leased" | "min-age";
+
+/**
+ * A snapshot a rule of a dry run wanted but could not take, and what protected it; listed once, under the first rule that wanted it.
+ */
+export type SkippedSnapshot = Snapshot & {
+  /**
+   * Seconds since `created_at`.
+   */
+  age_seconds: number;
+  /**
+   * Seconds since the last use, or since `created_at` if never used.
+   */
+  idle_seconds: number;
+  reason: EvictionReason;
+  protected_by: Protection;
+};
+
+/**
+ * A promise that no eviction (TTL, count, size, disk, or a superseded or invalidated image's removal) removes the image `image_id` before `expires_at`, unless the lease is released first. It protects the image the entry had when the lease was taken. Leases are journalled: they survive restarts.
+ */
+export type Lease = {
+  /**
+   * Opaque id; pass it to DELETE /v1/snapshots/lease to release the lease.
+   */
+  id: string;
+  project: string;
+  work_item: string;
+  image_id: ImageId;
+  /**
+   * When the protection ends, RFC 3339 UTC.
+   */
+  expires_at: string;
+};
+
+/**
+ * Unknown fields are rejected with 400 `invalid-field`.
+ */
+export type LeaseRequest = {
+  project: Project;
+  work_item: WorkItem;
+  /**
+   * How long the lease lasts, 1 to 86400 (a day). Minutes bridge a lookup and a `docker create`; release it early once the container exists.
+   */
+  seconds: number;
+};
+
+export type LeaseResponse = {
+  lease: Lease;
+};
+
+export type ReleaseResponse = {
+  lease: Lease;
+  /**
+   * Always `true`.
+   */
+  released: true;
+};
+
+/**
+ * `lease` is there when the request had `lease_seconds`.
+ */
+export type LookupResponse = {
+  snapshot: Snapshot;
+  lease?: Lease;
+};
+
+/**
+ * The limits of one pool of snapshots: the global pool or one project's.
+ */
+export type Limits = {
+  ttl_seconds: number;
+  max_count: number;
+  max_size_bytes: number;
+};
+
+/**
+ * The agent's subscription to Docker's event stream (which marks snapshots used as containers are created from them); `null` when the agent does not follow events.
+ */
+export type DockerEvents = {
+  /**
+   * The stream is open now.
+   */
+  connected: boolean;
+  /**
+   * How often the stream was opened again since the agent started.
+   */
+  reconnects: number;
+} | null;
+
+/**
+ * The last measurement of the file system of Docker's data root against the watermarks; `null` when the watermarks are off (or before the first measurement). When it cannot be measured, only `path` and `error` are present.
+ */
+export type DiskStatus = {
+  /**
+   * The path measured (`docker.data_root`, else Docker's root dir); `null` if it is not known yet.
+   */
+  path: string | null;
+  /**
+   * Used plus available bytes, as df counts them for a user.
+   */
+  total_bytes?: number;
+  /**
+   * Available bytes (df's Avail).
+   */
+  free_bytes?: number;
+  /**
+   * 1 - free/total (df's Use%, as a fraction).
+   */
+  used_ratio?: number;
+  /**
+   * The high watermark in free bytes: eviction starts below it.
+   */
+  high_free_bytes?: number;
+  /**
+   * The low watermark in free bytes: eviction stops once this much is free.
+   */
+  low_free_bytes?: number;
+  /**
+   * `free_bytes` is below `high_free_bytes`: the disk rule is evicting.
+   */
+  above_high?: boolean;
+  /**
+   * Why the disk could not be measured; `null` when it was.
+   */
+  error: string | null;
+} | null;

@@ -8,7 +8,7 @@ import { after, test } from "node:test";
 
 import * as sac from "../src/index.js";
 import { Agent } from "./support/agent.js";
-import { cleanEngine, makeImage } from "./support/docker.js";
+import { cleanEngine, createContainer, imageId, makeImage } from "./support/docker.js";
 
 const FAST_RETRY = { attempts: 3, initialDelayMs: 10, maxDelayMs: 10 };
 const directory = mkdtempSync("/tmp/sanode-c-");
@@ -115,6 +115,60 @@ test("the request on the wire: JSON with its type, the query as %-encoded UTF-8"
   assert.match(eviction!, /^POST \/v1\/evict HTTP\/1\.1\r\n/);
   assert.match(eviction!, /\r\nContent-Type: application\/json\r\n/i);
   assert.ok(eviction!.endsWith('\r\n\r\n{"dry_run":true}'), eviction);
+});
+
+test("lease, release and a lookup with lease_seconds: the request on the wire", async () => {
+  const agent = await canned("lease-wire", http("200 OK", "{}"));
+  const client = new sac.SnapagentdClient({ socketPath: agent.path });
+  await assert.rejects(client.lease({ project: "P", work_item: "w", seconds: 30 }), sac.ProtocolError);
+  await assert.rejects(client.release({ id: "a b+c" }), sac.ProtocolError);
+  await client.lookup({ project: "P", work_item: "w", lease_seconds: 60 }).catch(() => undefined);
+  const [lease, release, lookup] = agent.requests;
+  assert.match(lease!, /^POST \/v1\/snapshots\/lease HTTP\/1\.1\r\n/);
+  assert.ok(lease!.endsWith('\r\n\r\n{"project":"P","work_item":"w","seconds":30}'), lease);
+  assert.ok(release!.startsWith("DELETE /v1/snapshots/lease?id=a%20b%2Bc HTTP/1.1\r\n"), release);
+  assert.ok(lookup!.endsWith('{"project":"P","work_item":"w","lease_seconds":60}'), lookup);
+});
+
+test("a lease keeps an image through eviction until it is released; a dry run says why", async () => {
+  await cleanEngine();
+  const agent = await Agent.start({ policy: { max_count: 0 } }); // evicts every snapshot it may
+  try {
+    const client = new sac.SnapagentdClient({ socketPath: agent.socketPath });
+    const images: Record<string, string> = {};
+    for (const name of ["leased", "used"]) {
+      const tag = sac.snapshotTag("Proj", name);
+      images[name] = await makeImage(tag);
+      await client.register({ project: "Proj", work_item: name, image: tag });
+    }
+    await createContainer(sac.snapshotTag("Proj", "used"));
+    const found = await client.lookup({ project: "Proj", work_item: "leased", lease_seconds: 300 });
+    assert.ok(found?.lease, "the lookup took a lease");
+    assert.equal(found.lease.image_id, images.leased);
+    assert.ok(Date.parse(found.lease.expires_at) > Date.now() + 290_000);
+    assert.deepEqual((await client.evict()).evicted, []);
+
+    const explained = await client.evict({ dry_run: true });
+    assert.deepEqual(explained.evicted, []);
+    assert.equal(explained.disk_bytes_to_free, 0);
+    const why = Object.fromEntries((explained.skipped ?? []).map((s) => [s.work_item, [s.reason, s.protected_by]]));
+    assert.deepEqual(why, { leased: ["count", "leased"], used: ["count", "in-use"] });
+    for (const skipped of explained.skipped ?? []) {
+      assert.ok(Number.isInteger(skipped.unique_bytes) && skipped.age_seconds >= 0 && skipped.idle_seconds >= 0);
+    }
+    assert.equal((await client.status()).snapshots.leases, 1);
+
+    assert.deepEqual(await client.release(found.lease), found.lease);
+    await assert.rejects(client.release(found.lease), sac.LeaseNotFoundError);
+    const removed = (await client.evict()).evicted.map((e) => [e.image_id, e.result]);
+    assert.deepEqual(removed, [[images.leased, "removed"]]);
+    assert.equal(await imageId(sac.snapshotTag("Proj", "leased")), null);
+    await assert.rejects(client.lease({ project: "Proj", work_item: "leased", seconds: 60 }), sac.SnapshotNotFoundError);
+    await assert.rejects(client.lease({ project: "Proj", work_item: "used", seconds: 0 }), sac.InvalidFieldError);
+  } finally {
+    await agent.stop();
+    await cleanEngine();
+  }
 });
 
 test("keys with +, / and Unicode round-trip through a real agent", async () => {

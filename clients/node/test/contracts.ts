@@ -7,19 +7,23 @@ import { test } from "node:test";
 
 import { ERRORS, SnapagentdClient, SnapagentdError, type ErrorCode } from "../src/index.js";
 import { Agent } from "./support/agent.js";
-import { type Exchange, loadScenarios, match, rawBody } from "./support/contracts.js";
+import { type Exchange, bindRequest, loadScenarios, match, rawBody } from "./support/contracts.js";
 import { cleanEngine, makeImage } from "./support/docker.js";
 
 const UNREACHABLE_DOCKER = "unix:///nonexistent/snapagentd-contracts/docker.sock";
 
-async function send(client: SnapagentdClient, exchange: Exchange): Promise<unknown> {
-  const { request } = exchange;
+async function send(client: SnapagentdClient, exchange: Exchange, bindings: Map<string, unknown>): Promise<unknown> {
+  const request = bindRequest(exchange.request, bindings);
   const args = (request.body ?? request.query ?? {}) as any;
   switch (exchange.operation) {
     case "register":
       return client.register(args);
     case "lookup":
       return client.lookup(args);
+    case "lease":
+      return client.lease(args);
+    case "release":
+      return client.release(args);
     case "list":
       return client.list(args);
     case "delete":
@@ -44,8 +48,14 @@ function wireAnswer(exchange: Exchange, result: any): unknown {
     case "register":
       assert.equal(result.created, exchange.response.status === 201, "created is 201");
       return { snapshot: result.snapshot };
-    case "lookup":
-      return { snapshot: result };
+    case "lookup": {
+      const { lease, ...snapshot } = result; // the client puts the lease on the entry
+      return lease === undefined ? { snapshot } : { snapshot, lease };
+    }
+    case "lease":
+      return { lease: result };
+    case "release":
+      return { lease: result, released: true };
     case "list":
       return { snapshots: result };
     default:
@@ -68,7 +78,7 @@ for (const scenario of loadScenarios()) {
         const where = `${scenario.name} #${index + 1} (${exchange.title})`;
         let outcome: unknown;
         try {
-          outcome = await send(client, exchange);
+          outcome = await send(client, exchange, bindings);
         } catch (error) {
           outcome = error;
         }

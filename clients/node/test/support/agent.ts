@@ -7,11 +7,29 @@ import { join } from "node:path";
 import { SnapagentdClient } from "../../src/index.js";
 import { REPO, agentPython, dockerHost } from "./paths.js";
 
-/** The policy tests/agent.py gives its agents; contracts/README.md names it as the base. */
-export const BASE_POLICY = { ttl: "24h", max_count: 100, max_size: "10GiB" };
+/**
+ * The policy tests/agent.py gives its agents; contracts/README.md names it as the base. The disk
+ * watermarks are off: no test controls how full the engine's disk is.
+ */
+export const BASE_POLICY = { ttl: "24h", max_count: 100, max_size: "10GiB", disk_high: "off", disk_low: "off" };
+
+/** TOML from nested objects: an object value is a sub-table (`[policy."projects"."x"]`). */
+export function toml(sections: Record<string, Record<string, unknown>>): string {
+  const lines: string[] = [];
+  const table = (name: string, values: Record<string, unknown>): void => {
+    lines.push(`[${name}]`);
+    const nested = Object.entries(values).filter(([, v]) => v !== null && typeof v === "object" && !Array.isArray(v));
+    for (const [key, value] of Object.entries(values)) {
+      if (!nested.some(([k]) => k === key)) lines.push(`${key} = ${JSON.stringify(value)}`);
+    }
+    for (const [key, value] of nested) table(`${name}.${JSON.stringify(key)}`, value as Record<string, unknown>);
+  };
+  for (const [name, values] of Object.entries(sections)) table(name, values);
+  return `${lines.join("\n")}\n`;
+}
 
 export interface AgentOptions {
-  policy?: Record<string, string | number>;
+  policy?: Record<string, unknown>;
   /** Default: the harness's engine. */
   dockerUrl?: string;
 }
@@ -32,10 +50,7 @@ export class Agent {
       policy: { ...BASE_POLICY, ...options.policy },
       journal: { path: join(directory, "state", "journal.jsonl") },
     };
-    const toml = Object.entries(sections)
-      .map(([name, values]) => [`[${name}]`, ...Object.entries(values).map(([k, v]) => `${k} = ${JSON.stringify(v)}`)].join("\n"))
-      .join("\n");
-    writeFileSync(join(directory, "snapagentd.toml"), `${toml}\n`);
+    writeFileSync(join(directory, "snapagentd.toml"), toml(sections));
     const agent = Agent.spawnOn(directory);
     await agent.waitUntilServing();
     return agent;

@@ -16,7 +16,7 @@ export interface ExampleRequest {
 
 export interface Exchange {
   title: string;
-  operation?: "register" | "lookup" | "list" | "delete" | "evict" | "status";
+  operation?: "register" | "lookup" | "lease" | "release" | "list" | "delete" | "evict" | "status";
   request: ExampleRequest;
   response: { status: number; body: any };
 }
@@ -24,7 +24,7 @@ export interface Exchange {
 export interface Scenario {
   name: string;
   description: string;
-  agent?: { policy?: Record<string, string | number>; docker?: "unreachable" };
+  agent?: { policy?: Record<string, unknown>; docker?: "unreachable" };
   images?: Record<string, string>;
   exchanges: Exchange[];
 }
@@ -42,8 +42,29 @@ export function rawBody(request: ExampleRequest): string | undefined {
   return raw === undefined || typeof raw === "string" ? raw : raw.repeat.repeat(raw.times);
 }
 
-const PLACEHOLDER = /^<(image-id|timestamp|integer|string)(?::([^>]+))?>$/;
+/**
+ * The request with each named placeholder replaced by the value an earlier answer bound it to
+ * (a lease's id, for its release), as tests/test_contracts.py's bind_request does.
+ */
+export function bindRequest(request: ExampleRequest, bindings: Map<string, unknown>): ExampleRequest {
+  const fill = (value: unknown): unknown => {
+    if (typeof value === "string") return bindings.has(value) ? bindings.get(value) : value;
+    if (Array.isArray(value)) return value.map(fill);
+    if (value !== null && typeof value === "object") {
+      return Object.fromEntries(Object.entries(value).map(([key, item]) => [key, fill(item)]));
+    }
+    return value;
+  };
+  return {
+    ...request,
+    ...(request.query ? { query: fill(request.query) as Record<string, string> } : {}),
+    ...(request.body !== undefined ? { body: fill(request.body) } : {}),
+  };
+}
+
+const PLACEHOLDER = /^<(image-id|timestamp|integer|string|any)(?::([^>]+))?>$/;
 const KINDS: Record<string, (value: unknown) => boolean> = {
+  any: () => true, // what wiring or timing decides (docker.events); the schema still holds
   "image-id": (v) => typeof v === "string" && /^sha256:[0-9a-f]{64}$/.test(v),
   timestamp: (v) => typeof v === "string" && /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$/.test(v),
   integer: (v) => Number.isInteger(v) && (v as number) >= 0,

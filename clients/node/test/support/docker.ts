@@ -53,6 +53,24 @@ export async function makeImage(reference: string, size = 1024): Promise<string>
   return imageId(reference) as Promise<string>;
 }
 
+/** Create (never start) a container of `image`, which then counts as in use; returns its id. */
+export async function createContainer(image: string): Promise<string> {
+  const body = Buffer.from(JSON.stringify({ Image: image, Cmd: ["/payload"], HostConfig: { NetworkMode: "none" } }));
+  const made = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+    const headers = { "Content-Type": "application/json", "Content-Length": body.length };
+    const req = request({ socketPath: dockerHost().slice("unix://".length), method: "POST", path: "/containers/create", headers }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on("data", (chunk: Buffer) => chunks.push(chunk));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString("utf8") }));
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
+  if (made.status !== 201) throw new Error(`docker create failed: ${made.status} ${made.body}`);
+  return (JSON.parse(made.body) as { Id: string }).Id;
+}
+
 export async function imageId(reference: string): Promise<string | null> {
   const found = await docker("GET", `/images/${encodeURIComponent(reference)}/json`);
   if (found.status === 404) return null;
