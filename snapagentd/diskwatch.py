@@ -84,11 +84,12 @@ class DiskWatch:
         self._record(DiskReading(self._root, measured))
         return measured
 
-    def measured_within(self, seconds: float) -> bool:
-        """A reading (below the high watermark, or failed) was taken less than `seconds` ago."""
+    def seconds_until_stale(self, seconds: float) -> float:
+        """How long until the last reading (below high, or failed) is `seconds` old; 0 when
+        there is none or it was above high: measure now."""
         last = self.last
         quiet = last is not None and (last.pressure is None or not last.pressure.above_high)
-        return quiet and time.monotonic() - self._measured_at < seconds
+        return max(0.0, self._measured_at + seconds - time.monotonic()) if quiet else 0.0
 
     def _record(self, reading: DiskReading) -> None:
         self._measured_at = time.monotonic()

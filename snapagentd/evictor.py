@@ -113,6 +113,7 @@ class Evictor:
         self._unique: dict[str, int] = {}  # unique bytes per image id, as of the last refresh
         self._sized = False  # layers measured at least once (the size and disk rules need it)
         self._disk_check: asyncio.Task[None] | None = None
+        self._disk_wanted = False  # a registration asked for a disk check not yet made
         # Called with each report once its run has finished (the last eviction's time).
         self.on_report: Any = None
         self.metrics: Any = None  # metrics.Metrics: counts every removal outcome
@@ -389,17 +390,28 @@ class Evictor:
         return self.managed_unique
 
     def check_disk_soon(self) -> None:
-        """Measure the disk now (without waiting) and run an eviction if it is above high."""
+        """Measure the disk soon (without waiting) and run an eviction if it is above high.
+
+        Registrations come in bursts: they share one reading, taken after the last of them,
+        at most one a second; none is dropped.
+        """
+        self._disk_wanted = True
         if self._disk_check is None or self._disk_check.done():
-            self._disk_check = asyncio.ensure_future(self._check_disk(fresh_enough=1.0))
+            self._disk_check = asyncio.ensure_future(self._check_disk_after_registrations())
             self._background.add(self._disk_check)
             self._disk_check.add_done_callback(self._background.discard)
 
-    async def _check_disk(self, fresh_enough: float = 0.0) -> None:
+    async def _check_disk_after_registrations(self) -> None:
+        while self._disk_wanted:
+            await asyncio.sleep(self.disk.seconds_until_stale(1.0))
+            self._disk_wanted = False
+            async with self._run_lock:  # a run under way measured before the registration
+                pass
+            await self._check_disk()
+
+    async def _check_disk(self) -> None:
         if self._run_lock.locked():
             return  # a run is under way; it measures the disk itself
-        if self.disk.measured_within(fresh_enough):
-            return  # registrations come in bursts: one statvfs a second is plenty
         pressure = await self.disk.measure(self.policy)
         if pressure is not None and pressure.above_high:
             await self.run_quietly("disk")
