@@ -166,12 +166,17 @@ class DockerGateway:
     async def containers(self) -> Containers:
         """Every container's image: the in-use set, and each image's latest container."""
         rows = await self._call(lambda api: api.containers(all=True))
+        now = datetime.now(UTC)
         last_use: dict[str, datetime] = {}
         for row in rows:
             image_id, created = row.get("ImageID"), row.get("Created")
             if not image_id:
                 continue
-            moment = datetime.fromtimestamp(created if isinstance(created, int) else 0, UTC)
+            # Docker lists creation in whole seconds, cut down: round up, so that a use is
+            # never placed before the container existed (an LRU tie within that second would
+            # otherwise go against the image just used), nor after now.
+            seconds = created + 1 if isinstance(created, int) else 0
+            moment = min(datetime.fromtimestamp(seconds, UTC), now)
             if image_id not in last_use or last_use[image_id] < moment:
                 last_use[image_id] = moment
         return Containers(frozenset(last_use), last_use)

@@ -192,8 +192,8 @@ class Evictor:
         await self.registry.prune_leases(utcnow())
         await self.registry.retire(plan.victims)
         outcomes = await self.remove(self.registry.pending(), in_use)
-        handled = {outcome.removal.snapshot.image_id for outcome in outcomes}
-        outcomes += await self._remove_leaked(images, in_use | handled)
+        handled = frozenset(outcome.removal.snapshot.image_id for outcome in outcomes)
+        outcomes += await self._remove_leaked(images, in_use, handled)
         if measure and any(o.result.confirmed_gone for o in outcomes):
             # A base the removed images shared may now be held by one snapshot alone.
             await self._refresh_layers(await self.docker.list_images())
@@ -222,13 +222,16 @@ class Evictor:
             return self._unique
         return {}  # virtual: each snapshot's registered size (Docker's Size)
 
-    async def _remove_leaked(self, images: list[ImageInfo], skip: frozenset[str]) -> list[Outcome]:
+    async def _remove_leaked(
+        self, images: list[ImageInfo], in_use: frozenset[str], handled: frozenset[str]
+    ) -> list[Outcome]:
         """Remove dangling images an entry once referenced, or that carry dangling_label.
 
-        `skip`: images in use, and those this run's removals already dealt with.
+        One in use is answered `in-use` without asking Docker, as a pending removal is;
+        `handled`: images this run's removals already dealt with.
         """
         state = self.registry.state
-        busy = skip | state.leased_ids(utcnow()) | {ref[1] for ref in state.pending}
+        busy = handled | state.leased_ids(utcnow()) | {ref[1] for ref in state.pending}
         removals = []
         for image in images:
             if image.tags or image.id in busy or state.with_id(image.id):
@@ -247,7 +250,7 @@ class Evictor:
                 source=Source.DISCOVERED,
             )
             removals.append(PendingRemoval(placeholder, Reason.LEAKED, utcnow()))
-        outcomes = await asyncio.gather(*(self._remove_dangling(p) for p in removals))
+        outcomes = await asyncio.gather(*(self._remove_dangling(p, in_use) for p in removals))
         self._count(outcomes)
         gone = [o.removal.snapshot.image_id for o in outcomes if o.result.confirmed_gone]
         await self.registry.forget([i for i in gone if i in state.known_images])
@@ -260,8 +263,10 @@ class Evictor:
         labels = dict(image.labels)
         return key in labels and (not sep or labels[key] == value)
 
-    async def _remove_dangling(self, removal: PendingRemoval) -> Outcome:
+    async def _remove_dangling(self, removal: PendingRemoval, in_use: frozenset[str]) -> Outcome:
         image_id = removal.snapshot.image_id
+        if image_id in in_use:
+            return Outcome(removal, RemovalResult.IN_USE)  # Docker would refuse: don't ask
         freed = self._unique.get(image_id)
         async with self._removal_slots:
             try:
@@ -330,8 +335,15 @@ class Evictor:
             return Outcome(removal, RemovalResult.IN_USE)  # Docker would refuse: don't ask
         freed = self._unique.get(snapshot.image_id)
         async with self._removal_slots:
+            # Decided earlier: look again, now that nothing can change before Docker is asked.
+            state = self.registry.state
+            if state.pending.get(removal.ref) is None:
+                return Outcome(removal, RemovalResult.KEPT)  # registered again meanwhile
+            if snapshot.image_id in state.leased_ids(utcnow()):
+                return Outcome(removal, RemovalResult.LEASED)  # leased meanwhile
             try:
-                result = await self.docker.remove(snapshot)
+                with self.registry.removing(snapshot.image_id):
+                    result = await self.docker.remove(snapshot)
             except DockerUnavailable as error:
                 log.warning("remove %s: Docker is not reachable: %s", snapshot.image, error)
                 self._count_failure(error)

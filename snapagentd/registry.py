@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Collection, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -72,6 +72,8 @@ class Registry:
         self.journal = journal
         self.docker = docker
         self._key_locks: dict[Key, tuple[asyncio.Lock, int]] = {}  # lock, users
+        # Image ids Docker is being asked to remove now, each with an event set when done.
+        self._removing: dict[str, asyncio.Event] = {}
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -125,6 +127,11 @@ class Registry:
             records = [retire_record(s, Reason.SUPERSEDED, now) for s in superseded]
             records.append(put_record(snapshot))
             await self._commit(records)
+        if info.id in self._removing:  # a removal that began before this put cancelled it
+            await self._removal_settled(info.id)
+            found = await self._inspect(image)
+            if found is None or found.id != info.id:
+                raise ImageNotFound(f"image {image!r} was removed while it was being registered")
         retired = [p for s in superseded if (p := self.state.pending.get(s.ref)) is not None]
         return Registration(self.state.entries.get(key, snapshot), current is None, retired)
 
@@ -163,6 +170,17 @@ class Registry:
             expires_at=utcnow() + timedelta(seconds=seconds),
         )
         await self._commit([lease_record(lease)])
+        current = self.state.entries.get(key)
+        evicted = current is None or current.image_id != lease.image_id
+        if evicted or lease.image_id in self._removing:
+            # Evicted while the lease was written: its removal may be under way, so the lease
+            # cannot keep its promise. (A removal looks at the leases again just before it
+            # asks Docker: a lease applied before that protects the image.)
+            await self._commit([release_record(lease.id)])
+            raise SnapshotNotFound(
+                f"no snapshot for project {key[0]!r}, work item {key[1]!r} to lease"
+                " (it was evicted meanwhile)"
+            )
         return lease
 
     async def release(self, lease_id: str) -> Lease:
@@ -282,6 +300,22 @@ class Registry:
         if records:
             await self._commit(records)
             log.info("reconcile: %d changes from %d images in Docker", len(records), len(images))
+
+    @contextmanager
+    def removing(self, image_id: str) -> Iterator[None]:
+        """Mark `image_id` as being removed by Docker (the evictor, around its Docker call)."""
+        done = asyncio.Event()
+        self._removing[image_id] = done
+        try:
+            yield
+        finally:
+            done.set()
+            if self._removing.get(image_id) is done:
+                del self._removing[image_id]
+
+    async def _removal_settled(self, image_id: str) -> None:
+        while (done := self._removing.get(image_id)) is not None:
+            await done.wait()
 
     # --- helpers --------------------------------------------------------------------------
 

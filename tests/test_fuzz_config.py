@@ -378,9 +378,7 @@ def test_a_ttl_beyond_100_years_is_refused(ttl: Any) -> None:
     ["a = " + "[" * 5000 + "]" * 5000, "[policy]\nmax_count = 1" + "0" * 5000],
     ids=["arrays-nested-5000-deep", "integer-of-5001-digits"],
 )
-def test_toml_past_the_parser_limits_is_a_config_error(
-    content: str, tmp_path: Path
-) -> None:
+def test_toml_past_the_parser_limits_is_a_config_error(content: str, tmp_path: Path) -> None:
     path = tmp_path / "snapagentd.toml"
     path.write_text(content)
     with pytest.raises(ConfigError):

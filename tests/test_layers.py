@@ -299,6 +299,7 @@ def test_layer_index_bounds_concurrency_and_keeps_what_it_fetched_on_errors() ->
 
 # --- the real engine ---------------------------------------------------------------------------
 
+
 def listed_ids(client: docker.APIClient) -> list[str]:
     return [row["Id"] for row in client.images()]
 
