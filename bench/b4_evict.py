@@ -2,8 +2,10 @@
 
 Each repetition makes 200 images with distinct ids (so removal really deletes layers), starts
 an agent that manages only their prefix (it discovers them at start; the policy then allows
-them all), rewrites the config with `max_count = 0`, sends SIGHUP, waits for READY=1 and times
-the request. The floor is one `docker rmi` CLI call naming another 200 such images.
+them all), waits until it has measured their layers (right after READY=1, off the start-up
+path; status then shows `unique_bytes`), rewrites the config with `max_count = 0`, sends
+SIGHUP, waits for READY=1 and times the request. The floor is one `docker rmi` CLI call
+naming another 200 such images.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import time
 
 from tests.agent import call
+from tests.engine import wait_until
 
 from .harness import Bench, Row, median
 
@@ -27,6 +30,12 @@ def time_agent(bench: Bench, round_: int) -> float:
     agent.write_config()
     try:
         bench.start_agent(agent)
+        # The measurement after start-up holds the run lock: time the eviction, not it.
+        wait_until(
+            lambda: agent.status()["snapshots"]["unique_bytes"] is not None,
+            timeout=120,
+            message="the agent to measure the images' layers after start-up",
+        )
         agent.policy["max_count"] = 0
         agent.write_config()
         assert agent.process is not None

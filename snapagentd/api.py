@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -71,6 +72,7 @@ class Services:
     # Set by the daemon once its event follower and metrics exist (None in bare test apps).
     events: Any = None
     metrics: Any = None
+    status_cache: StatusCache = field(default_factory=lambda: StatusCache())  # for GET /v1/status
 
 
 SERVICES: Any = web.AppKey("services", Services) if hasattr(web, "AppKey") else "services"
@@ -307,7 +309,43 @@ def explanation(explained: Explained) -> dict[str, Any]:
 
 async def status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    return web.json_response(status_document(services))
+    body = services.status_cache.body(services)
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+
+@dataclass
+class StatusCache:
+    """The encoded status document, rebuilt only when something it shows has changed.
+
+    Monitoring polls status far more often than the state changes, and building and encoding
+    the document was most of a status request's cost. Everything the document shows is in
+    the key, except lease expiry (time alone ends a lease): the key's clock second bounds
+    that staleness to one second.
+    """
+
+    key: tuple[Any, ...] | None = None
+    encoded: bytes = b""
+
+    def body(self, services: Services) -> bytes:
+        registry, evictor, docker = services.registry, services.evictor, services.registry.docker
+        events = services.events
+        key = (
+            registry.state.version,
+            registry.journal.records,
+            docker.reachable,
+            docker.error,
+            None if events is None else (events.connected, events.reconnects),
+            evictor.disk.last,
+            evictor.policy,
+            evictor.last_report,
+            evictor.last_report.finished_at if evictor.last_report else None,
+            evictor.managed_unique,
+            int(time.monotonic()),
+        )
+        if key != self.key:
+            self.encoded = json.dumps(status_document(services)).encode()
+            self.key = key
+        return self.encoded
 
 
 def status_document(services: Services) -> dict[str, Any]:

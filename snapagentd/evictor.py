@@ -174,7 +174,7 @@ class Evictor:
         bytes_to_free = pressure.bytes_to_free if pressure is not None else 0
         now = utcnow()
         entries = self.registry.state.entries
-        self.managed_unique = self.layers.reclaimable_bytes({s.image_id for s in entries.values()})
+        self._note_managed_unique()
         plan = plan_eviction(
             entries.values(),
             containers.in_use_ids,
@@ -197,9 +197,14 @@ class Evictor:
         if measure and any(o.result.confirmed_gone for o in outcomes):
             # A base the removed images shared may now be held by one snapshot alone.
             await self._refresh_layers(await self.docker.list_images())
-        entries = self.registry.state.entries.values()
-        self.managed_unique = self.layers.reclaimable_bytes({s.image_id for s in entries})
+        self._note_managed_unique()
         return outcomes
+
+    def _note_managed_unique(self) -> None:
+        """Status's figure: what removing every snapshot would free (None until measured)."""
+        if self._sized:
+            entries = self.registry.state.entries.values()
+            self.managed_unique = self.layers.reclaimable_bytes({s.image_id for s in entries})
 
     async def _refresh_layers(self, images: list[ImageInfo]) -> None:
         """Layer chains for unique bytes; a failure leaves the registered sizes in charge."""

@@ -144,6 +144,8 @@ class RegistryState:
         # tag, which a flat (tag, id) index could only answer by scanning all of it.
         self._keys_by_tag: dict[str, dict[str, set[Key]]] = {}
         self._total_size: int | None = None  # cached total_size_bytes(); None: stale
+        self.version = 0  # counts applied records: anything derived from the state is stale
+        # once it moves (the status document is cached on it)
 
     def __len__(self) -> int:
         """The number of records to_records writes (the journal asks after every commit)."""
@@ -151,6 +153,7 @@ class RegistryState:
 
     def apply(self, record: dict[str, Any]) -> None:
         """Apply one journal record. Raises KeyError/ValueError on a malformed one, unchanged."""
+        self.version += 1
         op = record["op"]
         if op == "put":
             snapshot = Snapshot.from_json(record["snapshot"])
