@@ -365,9 +365,11 @@ def test_chain_ids_name_the_engines_layers(
 
 
 def test_shared_base_counts_once_and_only_with_its_last_user(
-    docker_client: docker.APIClient,
+    fresh_docker_engine: DockerEngine,
 ) -> None:
-    c = docker_client
+    # An engine of its own: the test lists every image on it, and the session engine may hold
+    # images other tests made under names the clean-up does not know.
+    c = fresh_docker_engine.client()
     base = make_busybox_image(c, "foreign-layers-base:latest")
     base_size = c.inspect_image(base)["Size"]
     a = commit(c, base, write("/a", MIB), "cascade-snapshot-layers-a:latest")
