@@ -207,35 +207,36 @@ class DockerGateway:
 
 
 def _remove_dangling(api: docker.APIClient, image_id: str) -> RemovalResult:
-    try:
-        tags = api.inspect_image(image_id).get("RepoTags") or []
-    except docker.errors.NotFound:
+    tags = _tags_of(api, image_id)
+    if tags is None:
         return RemovalResult.ALREADY_GONE
-    if [t for t in tags if t != "<none>:<none>"]:
+    if tags:
         return RemovalResult.KEPT
-    try:
-        api.remove_image(image_id, force=False, noprune=False)
-    except docker.errors.APIError as error:
-        if error.status_code == 404:
-            return RemovalResult.ALREADY_GONE
-        if error.status_code == 409:
-            return RemovalResult.IN_USE
-        raise
-    return RemovalResult.REMOVED
+    return _delete(api, image_id)
 
 
 def _remove(api: docker.APIClient, tag: str, image_id: str) -> RemovalResult:
+    tags = _tags_of(api, image_id)
+    if tags is None:
+        return RemovalResult.ALREADY_GONE
+    if tag in tags:
+        return _delete(api, tag)  # untags; Docker deletes the image with its last tag
+    if not tags:
+        return _delete(api, image_id)  # the tag moved on and left our image dangling
+    return RemovalResult.ALREADY_GONE  # our tag is gone; other tags own the image now
+
+
+def _tags_of(api: docker.APIClient, image_id: str) -> list[str] | None:
+    """The image's tags now ([] when dangling), or None when Docker has no such image."""
     try:
         tags = api.inspect_image(image_id).get("RepoTags") or []
     except docker.errors.NotFound:
-        return RemovalResult.ALREADY_GONE
-    tags = [t for t in tags if t != "<none>:<none>"]
-    if tag in tags:
-        target = tag  # untags; Docker deletes the image with its last tag
-    elif not tags:
-        target = image_id  # the tag moved on and left our image dangling: delete it by id
-    else:
-        return RemovalResult.ALREADY_GONE  # our tag is gone; other tags own the image now
+        return None
+    return [t for t in tags if t != "<none>:<none>"]
+
+
+def _delete(api: docker.APIClient, target: str) -> RemovalResult:
+    """Ask Docker to delete a tag or an id, never forced: 404 gone, 409 in use."""
     try:
         api.remove_image(target, force=False, noprune=False)
     except docker.errors.APIError as error:
