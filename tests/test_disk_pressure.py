@@ -17,8 +17,7 @@ import json
 import os
 import platform
 import tarfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,6 @@ ARCHITECTURE = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def engine_client(engine: DockerEngine) -> Iterator[docker.APIClient]:
-    client = engine.client()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def free_bytes(root: Path) -> int:
@@ -169,7 +159,7 @@ def test_disk_timer_evicts_lru_snapshots_until_the_low_watermark_and_stops(
     root = small_disk_engine.data_root
     agent = disk_agent(disk_interval="1s", **WATERMARKS)
     names = ["a", "b", "c", "d", "e"]  # created (so, unused, ranked) in this order
-    with engine_client(small_disk_engine) as client:
+    with small_disk_engine.client() as client:
         ids = {name: make_image(client, tag(name), size=SNAPSHOT_BYTES) for name in names}
         register_all(agent, names)
         lookup(agent, "a")
@@ -217,7 +207,7 @@ def test_a_registration_starts_the_disk_check(
     already there are discovered at start, so no earlier registration has a check pending.)"""
     root = small_disk_engine.data_root
     names = ["a", "b", "c"]  # least recently used first: a, b, c (creation), then x
-    with engine_client(small_disk_engine) as client:
+    with small_disk_engine.client() as client:
         ids = {name: make_image(client, tag(name), size=SNAPSHOT_BYTES) for name in names}
         ids["x"] = commit_unnoticed(client, "x")
         agent = make_agent(docker_url=small_disk_engine.url, disk_interval="1h", **WATERMARKS)
@@ -257,7 +247,7 @@ def test_a_registration_right_after_a_quiet_reading_starts_the_disk_check(
     root = small_disk_engine.data_root
     agent = disk_agent(disk_interval="1h", **WATERMARKS)  # the timer never fires here
     names = ["a", "b", "c"]
-    with engine_client(small_disk_engine) as client:
+    with small_disk_engine.client() as client:
         ids = {name: make_image(client, tag(name), size=SNAPSHOT_BYTES) for name in names}
         ids["x"] = commit_unnoticed(client, "x")
         register_all(agent, names)
@@ -334,7 +324,7 @@ def test_in_use_leased_and_young_snapshots_survive_disk_pressure(
     agent = disk_agent(disk_interval="1h", min_age="1h", disk_high="100MiB", disk_low="400MiB")
     old = datetime.now(UTC) - timedelta(hours=2)
     names = ["old1", "busy", "leased", "old2"]
-    with engine_client(small_disk_engine) as client:
+    with small_disk_engine.client() as client:
         ids = {
             name: load_image(client, tag(name), size, old + timedelta(seconds=n))
             for n, name in enumerate(names)
@@ -387,7 +377,7 @@ def test_watermarks_off_never_evict_for_disk_and_report_no_disk(
     root = small_disk_engine.data_root
     agent = disk_agent(disk_high="off", disk_low="off", disk_interval="1s")
     names = ["a", "b"]
-    with engine_client(small_disk_engine) as client:
+    with small_disk_engine.client() as client:
         ids = {name: make_image(client, tag(name), size=4 * MiB) for name in names}
         register_all(agent, names)
         fill_to(root, 0.99)
@@ -421,7 +411,7 @@ def test_a_data_root_the_agent_cannot_see_is_reported_and_evicts_nothing(
     agent.write_config()
     agent.start()
     names = ["a", "b"]
-    with engine_client(small_disk_engine) as client:
+    with small_disk_engine.client() as client:
         ids = {name: make_image(client, tag(name), size=4 * MiB) for name in names}
         register_all(agent, names)
         fill_to(root, 0.99)  # the real data root is full; the agent cannot know

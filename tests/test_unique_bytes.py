@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -150,15 +149,6 @@ def test_size_cap_counts_unique_bytes_unless_accounting_is_virtual(
     assert evict(agent) == []
 
 
-@contextmanager
-def engine_client(engine: DockerEngine) -> Iterator[docker.APIClient]:
-    client = engine.client()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 def free_after_sync(engine: DockerEngine) -> int:
     os.sync()  # delayed allocation and the journal settle; the count is then what df shows
     return disk_usage(engine.data_root).free_bytes
@@ -171,7 +161,7 @@ def test_unique_bytes_are_what_evicting_frees_on_disk_and_virtual_bytes_are_not(
     stays, as a router's base image does), evicted all at once (max_count 0)."""
     files = {"four": 4 * MiB, "six": 6 * MiB, "ten": 10 * MiB}
     agent = make_agent(docker_url=small_disk_engine.url, max_count=0)  # evicts on POST only
-    with engine_client(small_disk_engine) as c:
+    with small_disk_engine.client() as c:
         busybox = make_busybox_image(c, "foreign-ub-busybox:latest")
         base = commit(c, busybox, write("/toolchain", 24 * MiB), "foreign-ub-base:latest")
         ids = commit_snapshots(c, base, files)
