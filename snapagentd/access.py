@@ -1,4 +1,4 @@
-"""Who may talk to the agent: the peer's credentials, checked on every connection.
+"""Who may talk to the agent: the peer's credentials, checked once per connection.
 
 The socket file's mode and group are the first gate, but a wrong `SocketMode=` or a stray
 `chmod` would open it to every local user. So the daemon also asks the kernel who is on the
@@ -8,27 +8,23 @@ other end (`SO_PEERCRED`, and `SO_PEERGROUPS` for the supplementary groups, both
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import logging
 import os
 import pwd
 import socket
 import struct
-import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from aiohttp import web
-
-from .errors import AccessDenied
+from .errors import AccessDenied, Fault
 
 log = logging.getLogger(__name__)
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no constant
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_PEERGROUPS_BYTES = 1024  # Python's getsockopt limit: 256 groups; more falls back to NSS
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -72,33 +68,26 @@ def is_allowed(peer: Peer, allowed_gids: frozenset[int], own_uid: int) -> bool:
     return peer.uid in (0, own_uid) or bool(peer.gids & allowed_gids)
 
 
-def peer_check(allowed_gids: frozenset[int]) -> Callable[[web.Request, Handler], Awaitable]:
-    """Middleware answering 403 `access-denied` to peers that are not allowed in.
+def peer_screen(allowed_gids: frozenset[int]) -> Callable[[asyncio.BaseTransport], Fault | None]:
+    """For connections.ConnectionGuard: None for a peer that may come in, else AccessDenied.
 
-    The kernel fixes a Unix socket's peer credentials at connect(), so they are read once per
-    connection and remembered with its transport (two getsockopt calls and a set test per
-    request were a fifth of a status request's cost on keep-alive connections).
+    The kernel fixes a Unix socket's peer credentials at connect(), so one look per
+    connection covers every request on it (per request, two getsockopt calls and a set test
+    were a fifth of a status request's cost on keep-alive connections).
     """
     own_uid = os.geteuid()
-    verdicts: weakref.WeakKeyDictionary[object, tuple[Peer, bool]] = weakref.WeakKeyDictionary()
 
-    @web.middleware
-    async def check_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
+    def screen(transport: asyncio.BaseTransport) -> Fault | None:
+        sock = transport.get_extra_info("socket")
         if sock is None or sock.family != socket.AF_UNIX:
-            return await handler(request)  # loopback TCP in tests: no peer credentials
-        verdict = verdicts.get(transport)
-        if verdict is None:
-            peer = peer_of(sock)
-            verdict = verdicts[transport] = (peer, is_allowed(peer, allowed_gids, own_uid))
-        peer, allowed = verdict
-        if not allowed:
-            log.warning("refused uid %d (pid %d): not in [api] allowed_groups", peer.uid, peer.pid)
-            raise AccessDenied(
-                f"uid {peer.uid} may not use this agent: only root, the agent's own user and "
-                "members of [api] allowed_groups may"
-            )
-        return await handler(request)
+            return None  # loopback TCP in tests: no peer credentials
+        peer = peer_of(sock)
+        if is_allowed(peer, allowed_gids, own_uid):
+            return None
+        log.warning("refused uid %d (pid %d): not in [api] allowed_groups", peer.uid, peer.pid)
+        return AccessDenied(
+            f"uid {peer.uid} may not use this agent: only root, the agent's own user and "
+            "members of [api] allowed_groups may"
+        )
 
-    return check_peer
+    return screen

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from . import telemetry
-from .access import group_ids, peer_check
+from .access import group_ids, peer_screen
 from .api import SERVICES, Services, create_app, status_document
 from .config import ConfigError, Settings, load_settings
 from .connections import ConnectionGuard
@@ -81,17 +81,14 @@ def build_app(
     guard: ConnectionGuard | None = None,
     metrics: Metrics | None = None,
 ) -> web.Application:
-    try:
-        allowed_gids = group_ids(settings.api.allowed_groups)
-    except KeyError as error:
-        raise StartupError(f"api.allowed_groups: no such group {error.args[0]!r}") from None
+    """The API with its services. Peers are checked by `guard`'s screen, so the daemon always
+    serves the app through one (tests that build it bare serve it to themselves only)."""
     app = create_app()
     metrics = metrics if metrics is not None else Metrics()
     app.middlewares.insert(0, metrics.middleware())  # outside errors_as_json: final statuses
-    app.router.add_get("/metrics", metrics_handler(metrics))  # behind peer_check, as the API
+    app.router.add_get("/metrics", metrics_handler(metrics))  # behind the guard, as the API
     if guard is not None:
         app.middlewares.insert(0, guard.middleware())  # first: every request disarms it
-    app.middlewares.append(peer_check(allowed_gids))  # inside errors_as_json: 403 is JSON
 
     async def services_context(app: web.Application) -> AsyncIterator[None]:
         state = RegistryState()
@@ -347,6 +344,10 @@ def _site(runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard) ->
 
 async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> None:
     """Run until SIGTERM/SIGINT. Raises StartupError when the daemon cannot start."""
+    try:
+        allowed_gids = group_ids(settings.api.allowed_groups)
+    except KeyError as error:
+        raise StartupError(f"api.allowed_groups: no such group {error.args[0]!r}") from None
     notifier = Notifier()
     telemetry.init(settings.sentry)
     notifier.status("starting: replaying the journal")
@@ -356,7 +357,7 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
     if sock is None:
         api = settings.api
         sock = bind_unix_socket(api.socket, api.socket_mode, api.socket_group)
-    guard = ConnectionGuard(MAX_CONNECTIONS, FIRST_REQUEST_SECONDS)
+    guard = ConnectionGuard(MAX_CONNECTIONS, FIRST_REQUEST_SECONDS, peer_screen(allowed_gids))
     metrics = Metrics()
     app = build_app(settings, notifier, guard, metrics)
     runner = make_runner(app)

@@ -153,6 +153,7 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
+        self._request_series: dict[tuple[str, str, int], Histogram] = {}
         build = Gauge(
             PREFIX + "build_info", "Always 1; the agent's version.", ["version"], registry=registry
         )
@@ -166,7 +167,11 @@ class Metrics:
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One API request: ``route`` is a path template or ``unmatched``, never a raw path."""
         method = method if method in METHODS else "other"
-        self._requests.labels(route, method, str(status)).observe(seconds)
+        key = (route, method, status)  # few: routes, methods and statuses are all bounded
+        series = self._request_series.get(key)
+        if series is None:  # labels() takes a lock and builds a key on every call
+            series = self._request_series[key] = self._requests.labels(route, method, str(status))
+        series.observe(seconds)
 
     def observe_fsync(self, seconds: float) -> None:
         """One journal write+fsync."""

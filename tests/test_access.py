@@ -1,4 +1,4 @@
-"""Who may use the agent: peer credentials checked on every request, and the directories
+"""Who may use the agent: peer credentials checked once per connection, and the directories
 the daemon agrees to put its socket in. Real unprivileged users, made by the test."""
 
 from __future__ import annotations
@@ -52,6 +52,19 @@ r = c.getresponse()
 print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
 """
 
+# Sends argv[2] as it is and prints everything the agent answers, until it closes.
+RAW_CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(30)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode())
+answer = b""
+while chunk := s.recv(65536):
+    answer += chunk
+print(json.dumps(answer.decode()))  # JSON keeps the CRLFs intact
+"""
+
 
 @dataclass(frozen=True)
 class Users:
@@ -61,15 +74,19 @@ class Users:
 
     def call_status(self, user: str, socket_path: Path) -> dict:
         """GET /v1/status as `user` (runuser sets its groups as a login would)."""
-        result = subprocess.run(
-            ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", CLIENT, str(socket_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+        return json.loads(_run_as(user, CLIENT, str(socket_path)))
+
+    def send_raw(self, user: str, socket_path: Path, data: str) -> str:
+        """Everything the agent answers to `data` sent as `user`, up to its closing."""
+        return json.loads(_run_as(user, RAW_CLIENT, str(socket_path), data))
+
+
+def _run_as(user: str, script: str, *args: str) -> str:
+    """The output of `script` run as `user` by Debian's python (readable by every user)."""
+    command = ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", script, *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +134,34 @@ def test_a_world_writable_socket_still_serves_only_allowed_peers(
     assert refused["body"]["error"]["code"] == "access-denied"
     assert "allowed_groups" in refused["body"]["error"]["message"]
     assert agent.call("GET", "/v1/status")[0] == 200  # root
+
+
+@pytest.mark.parametrize(
+    "first_bytes",
+    [
+        "GET /no/such/route HTTP/1.1\r\nHost: x\r\n\r\n",  # would be a 404 when allowed in
+        "DELETE /v1/snapshots?project=p&work_item=w HTTP/1.1\r\nHost: x\r\n\r\n",
+        "not http at all\r\n\r\n",  # would be a 400 when allowed in
+    ],
+)
+def test_a_refused_peer_gets_403_before_its_request_is_read(
+    make_agent: Callable[..., Agent], users: Users, first_bytes: str
+) -> None:
+    """The check is made at connect: whatever a refused peer sends, it gets the same 403 and
+    the connection is closed (the client reads to EOF)."""
+    agent = make_agent(start=False)
+    agent.directory.chmod(0o755)
+    agent.extra = {"api": {"socket": str(agent.socket_path), "socket_mode": "0666"}}
+    agent.write_config()
+    agent.start()
+
+    answer = users.send_raw(users.stranger, agent.socket_path, first_bytes)
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 403 Forbidden\r\n"), answer
+    assert "Connection: close" in head.split("\r\n"), answer
+    assert json.loads(body)["error"]["code"] == "access-denied", answer
+    assert agent.call("GET", "/v1/status")[0] == 200  # the agent itself is unharmed
+    assert "refused uid" in agent.log()
 
 
 def test_an_unknown_allowed_group_stops_the_start(make_agent: Callable[..., Agent]) -> None:
