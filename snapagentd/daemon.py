@@ -29,7 +29,7 @@ from .api import SERVICES, Services, create_app, status_document
 from .config import ConfigError, Settings, load_settings
 from .connections import ConnectionGuard
 from .docker_ops import DockerGateway
-from .events import ContainerUse, EventFollower
+from .events import ContainerUse, EventFollower, ImageChange
 from .evictor import Evictor
 from .journal import Journal
 from .metrics import (
@@ -148,7 +148,8 @@ def build_app(
 
 
 def follow_events(services: Services) -> EventFollower:
-    """The engine's event stream, feeding last use; a reconnect reconciles what it missed."""
+    """The engine's event stream, feeding last use and keeping lookups' confirmations current;
+    a reconnect reconciles what it missed."""
     registry, evictor = services.registry, services.evictor
     recording: set[asyncio.Task[None]] = set()
 
@@ -164,10 +165,19 @@ def follow_events(services: Services) -> EventFollower:
         task.add_done_callback(recording.discard)
 
     async def on_connected(first: bool) -> None:
+        registry.confirmations.follow(True)
         if not first:  # the start-up run already reconciled for the first connection
             await evictor.run_quietly("events-reconnected")
 
-    return EventFollower(services.settings.docker.url, on_use, on_connected)
+    def on_image_change(change: ImageChange) -> None:
+        registry.confirmations.image_changed(change.action, change.image_id)
+
+    def on_disconnected() -> None:
+        registry.confirmations.follow(False)
+
+    return EventFollower(
+        services.settings.docker.url, on_use, on_connected, on_image_change, on_disconnected
+    )
 
 
 def note_eviction(metrics: Metrics, report: Any) -> None:

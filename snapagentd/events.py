@@ -1,7 +1,9 @@
-"""Last use of snapshot images, from the Docker engine's event stream.
+"""Last use of snapshot images, and changes to images, from the Docker engine's event stream.
 
 Eviction is least-recently-used first, and a router uses a snapshot by creating or starting a
 container from it, which the agent never sees through its own API: the engine's events say so.
+Image events (tag, untag, delete, ...) tell the agent when what Docker confirmed about a tag
+may no longer hold, so lookups need not ask Docker each time (see confirmations.py).
 The engine pushes events only to a live subscriber, keeps a short backlog (256 events) and skips
 slow readers, so the follower reconnects with backoff, replays the backlog with `since=` and tells
 the agent each time it (re)connects, so that it can reconcile what the stream may have lost.
@@ -24,8 +26,14 @@ import docker.errors
 
 log = logging.getLogger(__name__)
 
-USE_ACTIONS = frozenset({"create", "start"})
-EVENT_FILTERS: dict[str, list[str]] = {"type": ["container"], "event": sorted(USE_ACTIONS)}
+USE_ACTIONS = frozenset({"create", "start"})  # of containers
+# Of images: every action that can add, move or remove a tag. (The filter's keys are ANDed, so
+# the actions of both types share one list; neither type has an action of the other's names.)
+IMAGE_ACTIONS = frozenset({"tag", "untag", "delete", "import", "load", "pull", "prune"})
+EVENT_FILTERS: dict[str, list[str]] = {
+    "type": ["container", "image"],
+    "event": sorted(USE_ACTIONS | IMAGE_ACTIONS),
+}
 BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 # For the version negotiation only: events() always reads its stream without a timeout.
@@ -63,6 +71,27 @@ def parse_container_use(event: Any) -> ContainerUse | None:
         return None
     at = _event_time(event)
     return None if at is None else ContainerUse(container_id, image, at)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageChange:
+    """Docker changed an image's tags: `image_id` is the event's Actor.ID ("" if it had none)."""
+
+    action: str
+    image_id: str
+
+
+def parse_image_change(event: Any) -> ImageChange | None:
+    """The image change an engine event reports, or None for any event not about images."""
+    if not isinstance(event, dict) or event.get("Type") != "image":
+        return None
+    action = event.get("Action")
+    actor = event.get("Actor")
+    image_id = actor.get("ID") if isinstance(actor, dict) else None
+    return ImageChange(
+        action if isinstance(action, str) else "",
+        image_id if isinstance(image_id, str) else "",
+    )
 
 
 def _event_time(event: dict[str, Any]) -> datetime | None:
@@ -176,12 +205,14 @@ def _raise_for_status(stream: Any) -> None:
 
 
 class EventFollower:
-    """Follows container create/start events on the engine at `url`, until cancelled.
+    """Follows container create/start and image events on the engine at `url`, until cancelled.
 
     `on_use` is called on the event loop for each use; after a reconnect the backlog replay
-    can repeat a use already reported, so it must be idempotent. `on_connected(first)` is
-    awaited on the event loop each time the stream (re)connects. Counters for metrics:
-    `connected`, `reconnects` (connections after the first) and `events_seen` (events read).
+    can repeat a use already reported, so it must be idempotent. `on_image_change` is called on
+    the event loop for each image event, in the stream's order. `on_connected(first)` is
+    awaited on the event loop each time the stream (re)connects, `on_disconnected()` called
+    each time it is lost. Counters for metrics: `connected`, `reconnects` (connections after
+    the first) and `events_seen` (events read).
     """
 
     def __init__(
@@ -189,6 +220,8 @@ class EventFollower:
         url: str,
         on_use: Callable[[ContainerUse], None],
         on_connected: Callable[[bool], Awaitable[None]],
+        on_image_change: Callable[[ImageChange], None] = lambda change: None,
+        on_disconnected: Callable[[], None] = lambda: None,
         *,
         backoff_initial: float = BACKOFF_INITIAL_SECONDS,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
@@ -196,6 +229,8 @@ class EventFollower:
         self.url = url
         self.on_use = on_use
         self.on_connected = on_connected
+        self.on_image_change = on_image_change
+        self.on_disconnected = on_disconnected
         self.backoff_initial = backoff_initial
         self.backoff_cap = backoff_cap
         self.connected = False
@@ -219,7 +254,9 @@ class EventFollower:
                 await asyncio.wait({reader.finished}, timeout=STOP_WAIT_SECONDS)
                 raise
             finally:
-                self.connected = False
+                if self.connected:
+                    self.connected = False
+                    self._notify(self.on_disconnected)
             if lasted is not None:
                 first, outage_started = False, None
                 self._since = int(reader.ended_at)  # whole seconds: may replay a few seen ones
@@ -266,15 +303,23 @@ class EventFollower:
         return error, time.monotonic() - started
 
     def _read_event(self, event: Any) -> None:
-        """In the reader thread: count the event and hand a use to the event loop."""
+        """In the reader thread: count the event and hand what it says to the event loop."""
         self.events_seen += 1
         use = parse_container_use(event)
-        if use is not None and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                self._loop.call_soon_threadsafe(self._deliver, use)
+        if use is not None:
+            self._hand_over(self.on_use, use)
+            return
+        change = parse_image_change(event)
+        if change is not None:
+            self._hand_over(self.on_image_change, change)
 
-    def _deliver(self, use: ContainerUse) -> None:
+    def _hand_over(self, callback: Callable[[Any], None], item: Any) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(self._notify, callback, item)
+
+    def _notify(self, callback: Callable[..., None], *args: Any) -> None:
         try:
-            self.on_use(use)
+            callback(*args)
         except Exception:
-            log.exception("docker events: on_use failed for %s", use)
+            log.exception("docker events: %s failed for %s", callback.__name__, args)

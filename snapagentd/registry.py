@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from .confirmations import Confirmations
 from .docker_ops import DockerGateway, DockerUnavailable, ImageInfo
 from .errors import (
     DockerUnreachable,
@@ -74,6 +75,8 @@ class Registry:
         self._key_locks: dict[Key, tuple[asyncio.Lock, int]] = {}  # lock, users
         # Image ids Docker is being asked to remove now, each with an event set when done.
         self._removing: dict[str, asyncio.Event] = {}
+        # Tags Docker confirmed, kept valid by its image events (the daemon feeds them in).
+        self.confirmations = Confirmations()
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -100,9 +103,11 @@ class Registry:
                 f"image {image!r} is outside the managed image prefixes "
                 f"({', '.join(self.docker.prefixes)})"
             )
+        ticket = self.confirmations.ticket()
         info = await self._inspect(image)
         if info is None:
             raise ImageNotFound(f"image {image!r} does not exist in Docker")
+        self.confirmations.confirm(image, info.id, ticket)
         now = utcnow()
         key = (project, work_item)
         async with self._locked(key):
@@ -136,7 +141,10 @@ class Registry:
         return Registration(self.state.entries.get(key, snapshot), current is None, retired)
 
     async def lookup(self, key: Key, ttl: timedelta) -> Lookup:
-        """The entry for `key` if it is fresh and its image still exists; marks it used."""
+        """The entry for `key` if it is fresh and its image still exists; marks it used.
+
+        Docker is asked whether the image still exists unless its image events have kept the
+        answer it last gave current (see confirmations.py)."""
         snapshot = self.state.entries.get(key)
         if snapshot is None:
             return Lookup(None, [], "no snapshot is registered for this project and work item")
@@ -144,14 +152,17 @@ class Registry:
         if now - snapshot.created_at > ttl:
             retired = await self.retire([Victim(snapshot, Reason.TTL)])
             return Lookup(None, retired, f"the snapshot is older than {int(ttl.total_seconds())}s")
-        try:
-            info = await self.docker.inspect(snapshot.image)
-        except DockerUnavailable:
-            info = None  # cannot check: serve what we know; the router needs Docker anyway
-            log.info("lookup: Docker unreachable, answering %s from the registry", key)
-        else:
-            if info is None or info.id != snapshot.image_id:
-                return await self._lost_image(snapshot)
+        if not self.confirmations.holds(snapshot.image, snapshot.image_id):
+            ticket = self.confirmations.ticket()
+            try:
+                info = await self.docker.inspect(snapshot.image)
+            except DockerUnavailable:
+                # Cannot check: serve what we know; the router needs Docker anyway.
+                log.info("lookup: Docker unreachable, answering %s from the registry", key)
+            else:
+                if info is None or info.id != snapshot.image_id:
+                    return await self._lost_image(snapshot)
+                self.confirmations.confirm(snapshot.image, info.id, ticket)
         await self._commit([touch_record(snapshot, now)])
         return Lookup(self.state.entries.get(key), [])
 

@@ -177,9 +177,12 @@ class DockerEngine:
     START_TIMEOUT = 30.0
     STOP_TIMEOUT = 20.0
 
-    def __init__(self, base_dir: str | os.PathLike[str], dockerd: str | None = None) -> None:
+    def __init__(
+        self, base_dir: str | os.PathLike[str], dockerd: str | None = None, debug: bool = False
+    ) -> None:
         self.base_dir = Path(base_dir).absolute()
         self.dockerd = dockerd or shutil.which("dockerd") or "/usr/sbin/dockerd"
+        self.debug = debug  # --debug: the log names every API call ("Calling GET /v1.41/...")
         self.socket_path = str(self.base_dir / "docker.sock")
         self.data_root = self.base_dir / "root"
         self.exec_root = self.base_dir / "exec"
@@ -206,9 +209,10 @@ class DockerEngine:
         *,
         dockerd: str | None = None,
         timeout: float = START_TIMEOUT,
+        debug: bool = False,
     ) -> DockerEngine:
         """Start a new private engine in ``base_dir`` and wait until it answers /_ping."""
-        engine = cls(base_dir, dockerd=dockerd)
+        engine = cls(base_dir, dockerd=dockerd, debug=debug)
         engine._launch(timeout)
         return engine
 
@@ -303,6 +307,7 @@ class DockerEngine:
             "--pidfile", str(self.pidfile),
             "--iptables=false",
             "--bridge=none",
+            *(["--debug"] if self.debug else []),
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         # /usr/sbin holds containerd/runc helpers on some systems; keep it on PATH.
