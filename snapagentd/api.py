@@ -414,9 +414,25 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return error_response(InternalError(f"internal error: {type(error).__name__}"))
 
 
+@web.middleware
+async def close_after_an_unread_body(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Answer, then close a connection whose request body the route did not read.
+
+    aiohttp 3.8 (Debian 12's) stops reading a connection once an unread body fills its 64 KiB
+    buffer and never starts again: the client's next request on it would wait out the
+    keep-alive timeout unanswered. A body on GET /v1/status is pointless anyway."""
+    response = await handler(request)
+    if request.body_exists and not request.content.at_eof():
+        response.force_close()
+    return response
+
+
 def create_app() -> web.Application:
     """The application without its services; the daemon adds them via cleanup contexts."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES + 1, middlewares=[errors_as_json])
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES + 1,
+        middlewares=[close_after_an_unread_body, errors_as_json],
+    )
     app.router.add_post("/v1/snapshots", register)
     app.router.add_post("/v1/snapshots/lookup", lookup)
     app.router.add_post("/v1/snapshots/lease", create_lease)
