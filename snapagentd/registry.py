@@ -162,7 +162,7 @@ class Registry:
             else:
                 if info is None or info.id != snapshot.image_id:
                     return await self._lost_image(snapshot)
-                self.confirmations.confirm(snapshot.image, info.id, ticket)
+                self.confirmations.confirm(snapshot.image, snapshot.image_id, ticket)
         await self._commit([touch_record(snapshot, now)])
         return Lookup(self.state.entries.get(key), [])
 
