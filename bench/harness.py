@@ -288,11 +288,13 @@ class Bench:
 
 
 @contextmanager
-def floor_server(directory: Path) -> Iterator[tuple[Path, int]]:
-    """The no-op aiohttp server in its own process: yields (socket path, pid)."""
-    path = directory / "floor.sock"
+def floor_server(directory: Path, journalled: bool = False) -> Iterator[tuple[Path, int]]:
+    """The no-op aiohttp server in its own process: yields (socket path, pid). `journalled`:
+    its lookups append to a journal in `directory` and fsync first (see floors.py)."""
+    path = directory / ("floor-journalled.sock" if journalled else "floor.sock")
+    journal = [str(directory / "floor-journal.jsonl")] if journalled else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.floors", str(path)],
+        [sys.executable, "-m", "bench.floors", str(path), *journal],
         stdout=subprocess.PIPE,
         env=child_env(),
         cwd=REPO,
