@@ -106,13 +106,18 @@ def test_docker_down_at_start_then_up(make_agent, docker_engine, docker_client, 
     assert (code, answer["error"]["code"]) == (503, "docker-unavailable")
 
     os.symlink(docker_engine.socket_path, link)
+    # The run reconciles (count 1) before it records its report, so wait for both.
     wait_until(
-        lambda: agent.status()["snapshots"]["count"] == 1,
+        lambda: (
+            (status := agent.status())["snapshots"]["count"] == 1
+            and (status["last_eviction"] or {}).get("trigger") == "docker-returned"
+        ),
         timeout=20,
-        message="agent reconciled once Docker answered",
+        message="agent reconciled and evicted once Docker answered",
     )
-    assert agent.status()["docker"]["reachable"] is True
-    assert agent.status()["last_eviction"]["trigger"] == "docker-returned"
+    status = agent.status()
+    assert status["docker"]["reachable"] is True
+    assert status["last_eviction"]["error"] is None
     agent.notify.wait_for(lambda line: line.startswith("STATUS=") and "docker ok" in line)
 
 
