@@ -28,6 +28,7 @@ class _LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self._runner: web.AppRunner | None = None
+        self._streams: set[aiohttp.ClientResponse] = set()  # endless upstream streams open now
 
     def run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
@@ -45,7 +46,12 @@ class _LoopThread:
         else:
             await web.TCPSite(self._runner, "127.0.0.1", site["port"], **on_site).start()
 
+    async def _end_streams(self) -> None:
+        for upstream in list(self._streams):
+            upstream.close()  # the forwarding handler's loop ends, so cleanup() need not abandon it
+
     def close(self) -> None:
+        self.run(self._end_streams())
         if self._runner is not None:
             self.run(self._runner.cleanup())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -93,8 +99,14 @@ class FaultyDockerProxy(_LoopThread):
             if request.path.endswith("/events"):  # endless: pass each chunk on as it comes
                 streamed = web.StreamResponse(status=upstream.status, headers=headers)
                 await streamed.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await streamed.write(chunk)
+                self._streams.add(upstream)
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await streamed.write(chunk)
+                except aiohttp.ClientError:
+                    pass  # close() ended the stream
+                finally:
+                    self._streams.discard(upstream)
                 return streamed
             body = await upstream.read()
             return web.Response(status=upstream.status, body=body, headers=headers)
