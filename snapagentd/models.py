@@ -6,6 +6,7 @@ Kept free of I/O so the policy, the registry and the journal can all import it.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -135,7 +136,7 @@ class Snapshot:
         if created_at is None:
             raise ValueError("created_at is missing")
         return cls(
-            project=str(data["project"]),
+            project=sys.intern(str(data["project"])),  # a few projects share many entries
             work_item=str(data["work_item"]),
             image=str(data["image"]),
             image_id=str(data["image_id"]),

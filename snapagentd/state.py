@@ -207,13 +207,14 @@ class RegistryState:
     def _set(self, snapshot: Snapshot) -> None:
         self._total_size = None
         self.known_images.pop(snapshot.image_id, None)
-        replaced = self.entries.get(snapshot.key)
+        key = snapshot.key  # one tuple shared by the entries and both indexes, not three
+        replaced = self.entries.get(key)
         if replaced is not None:
-            self._delete(snapshot.key)
-        self.entries[snapshot.key] = snapshot
+            self._delete(key)
+        self.entries[key] = snapshot
         by_id = self._keys_by_tag.setdefault(snapshot.image, {})
-        by_id.setdefault(snapshot.image_id, set()).add(snapshot.key)
-        self._keys_by_id.setdefault(snapshot.image_id, set()).add(snapshot.key)
+        by_id.setdefault(snapshot.image_id, set()).add(key)
+        self._keys_by_id.setdefault(snapshot.image_id, set()).add(key)
         if replaced is not None:
             self._note_if_unreferenced(replaced.image, replaced.image_id)
 
