@@ -119,7 +119,7 @@ EvictionResult = Literal["removed", "in-use", "already-gone", "failed", "leased"
 EvictionReason = Literal[
     "ttl", "count", "size", "disk", "superseded", "invalidated", "repointed", "leaked"
 ]
-Protection = Literal["in-use", "leased", "min-age"]
+Protection = Literal["in-use", "leased", "min-age", "shared"]
 Trigger = Literal["start", "timer", "api", "docker-returned", "disk"]
 SizeAccounting = Literal["unique", "virtual"]
 

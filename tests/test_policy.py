@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from snapagentd import client
 from snapagentd.config import Limits, PolicySettings
 from snapagentd.models import Reason, Snapshot, Source
-from snapagentd.policy import plan_eviction, total_size_bytes
+from snapagentd.policy import Protection, plan_eviction, total_size_bytes
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 HOUR = 3600
@@ -136,8 +141,8 @@ CASES = [
     pytest.param(
         [snap("a", 3, size=300, image_id="sha256:x"), snap("b", 2, size=300, image_id="sha256:x"),
          snap("c", 1, size=100)],
-        ids(), pol(size=300), [("c", SIZE)],
-        id="evicting-one-sharer-frees-nothing",
+        ids(), pol(size=300), [("a", SIZE), ("b", SIZE)],
+        id="size-takes-both-sharers-of-an-lru-image",
     ),
     pytest.param(
         [snap("a", 3, size=300, image_id="sha256:x"), snap("b", 2, size=300, image_id="sha256:x"),
@@ -276,7 +281,6 @@ def test_invariants_random(seed):
     assert {s.key for s in by_reason[TTL]} == expired
     assert [s.created_at for s in by_reason[TTL]] == sorted(s.created_at for s in by_reason[TTL])
     assert by_reason[COUNT] == sorted(by_reason[COUNT], key=_lru)
-    assert by_reason[SIZE] == sorted(by_reason[SIZE], key=_lru)
 
     after_ttl = [s for s in snapshots if s.key not in expired]
     after_count = [s for s in after_ttl if s not in by_reason[COUNT]]
@@ -295,6 +299,21 @@ def test_invariants_random(seed):
             assert protected(s) or total_size_bytes(others) == size
     if by_reason[SIZE]:
         assert total_size_bytes([*remaining, by_reason[SIZE][-1]]) > policy.max_size_bytes
+    # size takes images whole (every holder, one after the other), each image at the place of
+    # its most recently used holder in the walk; while over the cap, only a protected holder
+    # keeps an image that frees bytes
+    sized = [image for image, _holders in itertools.groupby(s.image_id for s in by_reason[SIZE])]
+    assert len(sized) == len(set(sized)), "an image's holders taken apart"
+    assert not [s for s in remaining if s.image_id in sized], "a holder of a taken image left"
+
+    def position(image_id: str):
+        return max(_lru(s) for s in after_count if s.image_id == image_id)
+
+    assert sized == sorted(sized, key=position)
+    if size > policy.max_size_bytes:
+        for image_id in {s.image_id for s in remaining}:
+            holders = [s for s in remaining if s.image_id == image_id]
+            assert any(protected(s) for s in holders) or not total_size_bytes(holders)
 
 
 # --- leases, per-project pools, disk pressure, unique bytes, and the explanation ---
@@ -462,3 +481,194 @@ def test_leases_and_disk_invariants_random(seed):
     assert not chosen & {s.snapshot.key for s in result.skipped}, "both chosen and skipped"
     if bytes_to_free == 0:
         assert DISK not in {v.reason for v in victims}
+
+
+# --- images with several tags: the size and disk rules take them whole, or not at all ---
+
+X = "sha256:x"
+SHARED_CASES = [
+    pytest.param(
+        # the issue's reproduction: before, neither holder was ever taken
+        [snap("a", 2, size=5000, image_id=X), snap("b", 1, size=5000, image_id=X)],
+        pol(size=1000), ids(), ids(), None, 0,
+        ([("a", SIZE), ("b", SIZE)], []),
+        id="two-holders-over-max-size-taken-together",
+    ),
+    pytest.param(
+        # 300 + 100 + 100 > 150: x frees 300 once (counted twice, the walk would stop at 600)
+        [snap("a", 3, size=300, image_id=X), snap("b", 2, size=300, image_id=X), snap("c", 1),
+         snap("d", 0.5)],
+        pol(size=150), ids(), ids(), None, 0,
+        ([("a", SIZE), ("b", SIZE), ("c", SIZE)], []),
+        id="two-holders-bytes-counted-once",
+    ),
+    pytest.param(
+        # a is young: x stays, b is passed because a keeps the image; c is taken instead
+        [snap("b", 3, size=300, image_id=X), snap("a", 0.5, size=300, image_id=X), snap("c", 2)],
+        pol(size=100, min_age_h=1), ids(), ids(), None, 0,
+        ([("c", SIZE)], [("b", SIZE, "shared"), ("a", SIZE, "min-age")]),
+        id="one-holder-young-none-taken",
+    ),
+    pytest.param(
+        [snap("a", 3, size=300, image_id=X), snap("b", 2, size=300, image_id=X), snap("c", 1)],
+        pol(size=100), ids("x"), ids(), None, 0,
+        ([("c", SIZE)], [("a", SIZE, "in-use"), ("b", SIZE, "in-use")]),
+        id="image-in-use-none-taken",
+    ),
+    pytest.param(
+        # b holds x in the global pool, whose rules keep it: own's size rule cannot free x
+        [psnap("own", "a", 3, size=300, image_id=X), psnap("p", "b", 2, size=300, image_id=X),
+         psnap("own", "c", 1)],
+        with_projects(pol(), own=(1000, 5, 100)), ids(), ids(), None, 0,
+        ([("c", SIZE)], [("a", SIZE, "shared")]),
+        id="holder-in-another-pool-shared",
+    ),
+    pytest.param(
+        # zz's count rule takes a, so aa's size rule (whose pool comes first) may take x
+        [psnap("zz", "a", 3, size=300, image_id=X), psnap("aa", "b", 2, size=300, image_id=X)],
+        with_projects(pol(), aa=(1000, 5, 100), zz=(1000, 0, 10**9)), ids(), ids(), None, 0,
+        ([("b", SIZE), ("a", COUNT)], []),
+        id="holder-leaving-another-pool-is-no-obstacle",
+    ),
+    pytest.param(
+        # the disk rule walks every pool: it takes x, and a is no longer listed as passed
+        [psnap("own", "a", 3, size=300, image_id=X), psnap("p", "b", 2, size=300, image_id=X),
+         psnap("own", "c", 1)],
+        with_projects(pol(), own=(1000, 5, 100)), ids(), ids(), None, 250,
+        ([("c", SIZE), ("a", DISK), ("b", DISK)], []),
+        id="disk-takes-what-a-size-rule-passed-as-shared",
+    ),
+    pytest.param(
+        # x stands where b (1h) does: c goes first, then x frees the 150 still needed
+        [snap("a", 3, size=300, image_id=X), snap("c", 2), snap("b", 1, size=300, image_id=X)],
+        pol(), ids(), ids(), None, 250,
+        ([("c", DISK), ("a", DISK), ("b", DISK)], []),
+        id="disk-takes-a-multi-tag-image-whole",
+    ),
+    pytest.param(
+        [snap("a", 3, size=300, image_id=X), snap("c", 2), snap("b", 1, size=300, image_id=X)],
+        pol(), ids(), ids("x"), None, 250,
+        ([("c", DISK)], [("a", DISK, "leased"), ("b", DISK, "leased")]),
+        id="disk-passes-a-leased-multi-tag-image",
+    ),
+    pytest.param(
+        # b (4h) is x's least recent holder, but a used it 30 min ago: c (3h) goes first
+        [snap("a", 5, used_h=0.5, image_id=X), snap("b", 4, image_id=X), snap("c", 3)],
+        pol(size=100), ids(), ids(), None, 0,
+        ([("c", SIZE)], []),
+        id="lru-position-of-the-most-recent-holder",
+    ),
+    pytest.param(
+        # count goes by tags: each holder by its own last use, as before
+        [snap("a", 5, used_h=0.5, image_id=X), snap("b", 4, image_id=X), snap("c", 3)],
+        pol(count=1), ids(), ids(), None, 0,
+        ([("b", COUNT), ("c", COUNT)], []),
+        id="count-takes-each-holder-by-its-own-use",
+    ),
+    pytest.param(
+        [snap("d", 5), snap("a", 4, size=300, image_id=X), snap("b", 3, size=300, image_id=X),
+         snap("c", 2, size=300, image_id=X)],
+        pol(size=150), ids(), ids(), None, 0,
+        ([("d", SIZE), ("a", SIZE), ("b", SIZE), ("c", SIZE)], []),
+        id="three-holders",
+    ),
+    pytest.param(
+        # count takes d and a; x goes with its two holders left, a leaving anyway
+        [snap("d", 5), snap("a", 4, size=300, image_id=X), snap("b", 3, size=300, image_id=X),
+         snap("c", 2, size=300, image_id=X)],
+        pol(count=2, size=150), ids(), ids(), None, 0,
+        ([("d", COUNT), ("a", COUNT), ("b", SIZE), ("c", SIZE)], []),
+        id="three-holders-one-taken-by-count",
+    ),
+    pytest.param(
+        # created an hour "from now" (a skewed clock): age zero, so min_age 0 does not protect
+        [snap("f", -1), snap("a", 2)], pol(count=0), ids(), ids(), None, 0,
+        ([("a", COUNT), ("f", COUNT)], []),
+        id="future-creation-is-age-zero",
+    ),
+    pytest.param(
+        [snap("f", -1, size=300)], pol(ttl_h=0, count=0, min_age_h=1), ids(), ids(), None, 10,
+        ([], [("f", COUNT, "min-age")]),
+        id="future-creation-younger-than-min-age-and-never-expired",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("snapshots", "policy", "in_use", "leased", "image_bytes", "bytes_to_free", "expected"),
+    SHARED_CASES,
+)
+def test_multi_tag_images(snapshots, policy, in_use, leased, image_bytes, bytes_to_free, expected):
+    assert explain(snapshots, policy, in_use, leased, image_bytes, bytes_to_free) == expected
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_pools_and_shared_images_invariants_random(seed):
+    rng = random.Random(seed)
+    snapshots, in_use, policy = _random_case(rng)
+    # the global pool and two projects with limits of their own
+    snapshots = [replace(s, project=rng.choice("pqr")) for s in snapshots]
+    own = {
+        name: (rng.choice([1, 10, 1000]), rng.randint(0, 4), rng.choice([0, 100, 400, 10**9]))
+        for name in "qr"
+    }
+    policy = with_projects(policy, **own)
+    leased = frozenset(s.image_id for s in snapshots if rng.random() < 0.1)
+    bytes_to_free = rng.choice([0, 0, 50, 200, 10**6])
+    result = plan_eviction(
+        snapshots, in_use, NOW, policy, leased_ids=leased, bytes_to_free=bytes_to_free
+    )
+
+    def protected(s: Snapshot) -> bool:
+        young = NOW - s.created_at < timedelta(seconds=policy.min_age_seconds)
+        return s.image_id in in_use | leased or young
+
+    chosen = {v.snapshot.key for v in result.victims}
+    skipped = [s.snapshot.key for s in result.skipped]
+    assert len(chosen) == len(result.victims)
+    assert len(skipped) == len(set(skipped))
+    assert not chosen & set(skipped), "both chosen and skipped"
+    assert not [v for v in result.victims if v.reason is not TTL and protected(v.snapshot)]
+    left = [s for s in snapshots if s.key not in chosen]
+    taken_whole = {v.snapshot.image_id for v in result.victims if v.reason in (SIZE, DISK)}
+    assert not [s for s in left if s.image_id in taken_whole], "a holder of a taken image left"
+    for passed in result.skipped:
+        if passed.protection == "shared":
+            holder = passed.snapshot
+            assert not protected(holder)
+            assert [s for s in left if s.image_id == holder.image_id and s.key != holder.key]
+    # listed pool by pool (the global one first), disk last
+    order = [None, "q", "r", DISK]
+
+    def pool(s: Snapshot) -> str | None:
+        return s.project if s.project in own else None
+
+    ranks = [order.index(DISK if v.reason is DISK else pool(v.snapshot)) for v in result.victims]
+    assert ranks == sorted(ranks)
+
+    def kept_by_protection(holders: list[Snapshot]) -> bool:
+        return any(protected(s) for s in holders) or not total_size_bytes(holders)
+
+    # the disk rule stops short only where protections keep every image left that frees bytes
+    if bytes_to_free:
+        gone = [v.snapshot for v in result.victims if v.snapshot.image_id not in
+                {s.image_id for s in left}]  # fmt: skip
+        if total_size_bytes(gone) < bytes_to_free:
+            for image_id in {s.image_id for s in left}:
+                assert kept_by_protection([s for s in left if s.image_id == image_id])
+    # a pool over its cap keeps an image only for a protected holder or one left elsewhere
+    for name in [None, "q", "r"]:
+        cap = policy.limits_for(name).max_size_bytes if name else policy.max_size_bytes
+        members = [s for s in left if pool(s) == name]
+        if total_size_bytes(members) > cap:
+            for image_id in {s.image_id for s in members}:
+                holders = [s for s in members if s.image_id == image_id]
+                elsewhere = [s for s in left if s.image_id == image_id and pool(s) != name]
+                assert kept_by_protection(holders) or elsewhere
+
+
+def test_protections_are_the_wire_contracts():
+    """The dry run sends `protected_by` as these values: the schema and the client list them."""
+    document = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
+    wire = document["components"]["schemas"]["Protection"]["enum"]
+    assert [p.value for p in Protection] == wire == list(get_args(client.Protection))

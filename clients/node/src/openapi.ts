@@ -310,7 +310,7 @@ export type Status = {
 /**
  * Why a snapshot a rule wanted was left alone. `in-use`: a container (running or stopped) uses its image. `leased`: a lease protects its image. `min-age`: younger than `min_age_seconds` (protects from count, size and disk, never from the TTL).
  */
-export type Protection = "in-use" | "leased" | "min-age";
+export type Protection = "in-use" | "leased" | "min-age" | "shared";
 
 /**
  * A snapshot a rule of a dry run wanted but could not take, and what protected it; listed once, under the first rule that wanted it.
