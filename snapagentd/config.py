@@ -42,6 +42,28 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class DockerTimeouts:
+    """Deadlines per kind of Docker call, in seconds ([docker] *_timeout)."""
+
+    inspect: float = 5.0  # one image, a ping, `docker info`
+    list: float = 30.0  # every image or container (large hosts have thousands)
+    remove: float = 120.0  # deleting a large image can take a while on a busy disk
+    lookup: float = 0.5  # a lookup's check of its tag, then it answers from the registry
+
+    @property
+    def longest(self) -> float:
+        return max(self.inspect, self.list, self.remove, self.lookup)
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "inspect": self.inspect,
+            "list": self.list,
+            "remove": self.remove,
+            "lookup": self.lookup,
+        }
+
+
+@dataclass(frozen=True)
 class DockerSettings:
     url: str = "unix:///run/docker.sock"
     image_prefixes: tuple[str, ...] = ("cascade-snapshot-",)
@@ -49,6 +71,8 @@ class DockerSettings:
     data_root: str = ""
     # Dangling images carrying this label ("key" or "key=value") are removed too; "": none.
     dangling_label: str = ""
+    # How long each kind of Docker call may take before the agent stops waiting.
+    timeouts: DockerTimeouts = field(default_factory=lambda: DockerTimeouts())
 
     def is_managed(self, reference: str) -> bool:
         """True when `reference` (repo:tag) lies in a repository the agent manages."""
@@ -172,6 +196,25 @@ def duration_seconds(value: Any) -> int:
         return seconds
     raise ValueError(
         f"invalid duration {value!r} (use 30s, 5m, 24h, 7d or integer seconds; at most 100 years)"
+    )
+
+
+MAX_TIMEOUT_SECONDS = 3600
+
+
+def timeout_seconds(value: Any) -> float:
+    """A deadline: `500ms`, `5s`, `2m` or a number of seconds; above 0, at most an hour."""
+    seconds = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]{1,7}(?:\.[0-9]{1,3})?)\s*(ms|s|m)?\s*", value)
+        if match:
+            seconds = float(match[1]) * {"ms": 0.001, "s": 1, "m": 60}[match[2] or "s"]
+    if seconds is not None and 0 < seconds <= MAX_TIMEOUT_SECONDS:
+        return seconds
+    raise ValueError(
+        f"invalid timeout {value!r} (use 500ms, 5s, 2m or seconds; above 0, at most 1 hour)"
     )
 
 
@@ -360,6 +403,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "image_prefixes": ("image_prefixes", image_prefixes),
         "data_root": ("data_root", optional_absolute_path),
         "dangling_label": ("dangling_label", label_selector),
+        "inspect_timeout": ("timeouts.inspect", timeout_seconds),
+        "list_timeout": ("timeouts.list", timeout_seconds),
+        "remove_timeout": ("timeouts.remove", timeout_seconds),
+        "lookup_timeout": ("timeouts.lookup", timeout_seconds),
     },
     "policy": {
         "ttl": ("ttl_seconds", duration_seconds),
@@ -413,6 +460,10 @@ def parse_settings(document: dict[str, Any]) -> Settings:
                 values[attribute] = convert(raw)
             except ValueError as error:
                 problems.append(f"{section}.{key}: {error}")
+        if section == "docker":
+            timeouts = {k.split(".")[1]: values.pop(k) for k in list(values) if "." in k}
+            if timeouts:
+                values["timeouts"] = DockerTimeouts(**timeouts)
         if section == "policy":
             if "projects" in table:
                 values["projects"] = _project_limits(table["projects"], values, problems)

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import docker.errors
-
 from . import telemetry
 from .config import PolicySettings
 from .diskwatch import DiskWatch
-from .docker_ops import DockerGateway, DockerUnavailable, ImageInfo
+from .docker_ops import DockerError, DockerGateway, DockerUnavailable, ImageInfo, RemovalAnswer
 from .errors import DockerUnreachable
 from .layers import LayerIndex
 from .models import DISCOVERED_PROJECT, Reason, RemovalResult, Snapshot, Source, format_time, utcnow
@@ -40,6 +38,9 @@ class Outcome:
     removal: PendingRemoval
     result: RemovalResult
     unique_bytes: int | None = None  # what the image alone held (freed if removed), if known
+    detail: str = ""  # what Docker's refusal said, or why the removal failed
+    # References Docker removed that the agent had not chosen: (reference, image id).
+    wrong: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class Outcome:
             "unique_bytes": self.unique_bytes,
             "reason": self.removal.reason.value,
             "result": self.result.value,
+            "detail": self.detail or None,
         }
 
 
@@ -88,6 +90,10 @@ class EvictionReport:
             "already_gone": counts[RemovalResult.ALREADY_GONE],
             "failed": counts[RemovalResult.FAILED],
             "leased": counts[RemovalResult.LEASED],
+            "untagged": counts[RemovalResult.UNTAGGED],
+            "has_children": counts[RemovalResult.HAS_CHILDREN],
+            "referenced": counts[RemovalResult.REFERENCED],
+            "wrong_removals": sum(len(outcome.wrong) for outcome in self.outcomes),
             "reclaimed_bytes": self.reclaimed_bytes,
             "error": self.error,
         }
@@ -210,7 +216,7 @@ class Evictor:
         """Layer chains for unique bytes; a failure leaves the registered sizes in charge."""
         try:
             await self.layers.refresh(self.docker.call, [image.id for image in images])
-        except docker.errors.APIError as error:
+        except DockerError as error:
             waiting = "keeping the last measurement" if self._sized else "size and disk rules wait"
             log.warning("layer sizes: %s; %s", error, waiting)
         else:
@@ -250,7 +256,7 @@ class Evictor:
                 image=known_tag or "<none>:<none>",
                 image_id=image.id,
                 size_bytes=image.size_bytes,
-                created_at=image.created_at,
+                created_at=image.created_at or utcnow(),
                 last_used_at=None,
                 source=Source.DISCOVERED,
             )
@@ -272,33 +278,30 @@ class Evictor:
         image_id = removal.snapshot.image_id
         if image_id in in_use:
             return Outcome(removal, RemovalResult.IN_USE)  # Docker would refuse: don't ask
-        freed = self._unique.get(image_id)
         async with self._removal_slots:
-            try:
-                result = await self.docker.remove_dangling(image_id)
-            except DockerUnavailable as error:
-                log.warning("remove leaked %s: Docker is not reachable: %s", image_id[:19], error)
-                self._count_failure(error)
-                result = RemovalResult.FAILED
-            except docker.errors.APIError as error:
-                log.warning("remove leaked %s failed, will retry: %s", image_id[:19], error)
-                self._count_failure(error)
-                telemetry.capture_removal_failure(removal.snapshot, error)
-                result = RemovalResult.FAILED
-        return Outcome(removal, result, freed)
+            answer = await self._ask_docker(image_id, (), removal.snapshot)
+        self._report([removal], answer)
+        return Outcome(removal, answer.result, self._unique.get(image_id), answer.detail)
 
     async def remove(
         self, removals: list[PendingRemoval], in_use: frozenset[str] = frozenset()
     ) -> list[Outcome]:
-        """Ask Docker to remove each image (bounded concurrency); forget those confirmed gone.
+        """Ask Docker to remove each image once for all its pending tags (bounded
+        concurrency); forget those whose reference Docker confirmed gone.
 
         A leased image is not asked for: it stays pending until its lease ends.
         """
         leased = self.registry.state.leased_ids(utcnow())
-        outcomes = await asyncio.gather(*(self._remove_one(p, in_use, leased) for p in removals))
+        by_image: dict[str, list[PendingRemoval]] = {}
+        for removal in removals:
+            by_image.setdefault(removal.snapshot.image_id, []).append(removal)
+        groups = await asyncio.gather(
+            *(self._remove_image(group, in_use, leased) for group in by_image.values())
+        )
+        outcomes = [outcome for group in groups for outcome in group]
         self._count(outcomes)
         await self.registry.confirm_gone([o.removal for o in outcomes if o.result.confirmed_gone])
-        return list(outcomes)
+        return outcomes
 
     def _count(self, outcomes: Iterable[Outcome]) -> None:
         """Every removal outcome, whoever asked (runs, the API's background removals)."""
@@ -314,8 +317,8 @@ class Evictor:
             return
         if isinstance(error, DockerUnavailable):
             self.metrics.count_removal_failure("unreachable")
-        else:  # APIError: Docker's HTTP status; anything else has none
-            self.metrics.count_removal_failure(str(getattr(error, "status_code", None) or "error"))
+        else:  # DockerError: Docker's HTTP status; anything else has none
+            self.metrics.count_removal_failure(str(getattr(error, "status", None) or "error"))
 
     def remove_soon(self, removals: list[PendingRemoval]) -> None:
         """Start removals without waiting (superseded or expired images found by the API)."""
@@ -330,42 +333,83 @@ class Evictor:
         except Exception as error:  # the next run retries; never lose the task's error
             log.warning("background removal failed, will retry on the next run: %s", error)
 
-    async def _remove_one(
-        self, removal: PendingRemoval, in_use: frozenset[str], leased: frozenset[str]
-    ) -> Outcome:
-        snapshot = removal.snapshot
-        if snapshot.image_id in leased:
-            return Outcome(removal, RemovalResult.LEASED)
-        if snapshot.image_id in in_use:
-            return Outcome(removal, RemovalResult.IN_USE)  # Docker would refuse: don't ask
-        freed = self._unique.get(snapshot.image_id)
+    async def _remove_image(
+        self, removals: list[PendingRemoval], in_use: frozenset[str], leased: frozenset[str]
+    ) -> list[Outcome]:
+        """One image's pending removals: one Docker removal for every tag of ours on it."""
+        image_id = removals[0].snapshot.image_id
+        if image_id in leased:
+            return [Outcome(removal, RemovalResult.LEASED) for removal in removals]
+        if image_id in in_use:  # Docker would refuse: don't ask
+            return [Outcome(removal, RemovalResult.IN_USE) for removal in removals]
+        freed = self._unique.get(image_id)
         async with self._removal_slots:
+            await self.registry.removal_settled(image_id)  # one removal of an image at a time
             # Decided earlier: look again, now that nothing can change before Docker is asked.
             state = self.registry.state
-            if state.pending.get(removal.ref) is None:
-                return Outcome(removal, RemovalResult.KEPT)  # registered again meanwhile
-            if snapshot.image_id in state.leased_ids(utcnow()):
-                return Outcome(removal, RemovalResult.LEASED)  # leased meanwhile
-            try:
-                with self.registry.removing(snapshot.image_id):
-                    result = await self.docker.remove(snapshot)
-            except DockerUnavailable as error:
-                log.warning("remove %s: Docker is not reachable: %s", snapshot.image, error)
-                self._count_failure(error)
-                result = RemovalResult.FAILED
-            except (docker.errors.APIError, ValueError) as error:
-                self._count_failure(error)
-                log.warning(
-                    "remove %s (%s) failed, will retry: %s",
-                    snapshot.image,
-                    snapshot.image_id,
-                    error,
-                )
-                telemetry.capture_removal_failure(snapshot, error)
-                result = RemovalResult.FAILED
-        if result is RemovalResult.IN_USE:
-            log.info("remove %s: in use by a container, will retry", snapshot.image)
-        return Outcome(removal, result, freed)
+            current = [r for r in removals if state.pending.get(r.ref) is not None]
+            outcomes = [  # registered again meanwhile
+                Outcome(removal, RemovalResult.KEPT)
+                for removal in removals
+                if removal not in current
+            ]
+            if not current:
+                return outcomes
+            if image_id in state.leased_ids(utcnow()):  # leased meanwhile
+                return outcomes + [Outcome(r, RemovalResult.LEASED) for r in current]
+            # Every pending tag of ours on this image goes in the one removal, so that none
+            # of them is mistaken for someone else's reference.
+            tags = sorted({tag for tag, pending_id in state.pending if pending_id == image_id})
+            with self.registry.removing(image_id):
+                answer = await self._ask_docker(image_id, tags, current[0].snapshot)
+        self._report(current, answer)
+        wrong = answer.unexpected
+        return outcomes + [
+            Outcome(r, answer.result, freed, answer.detail, wrong if i == 0 else ())
+            for i, r in enumerate(current)
+        ]
+
+    async def _ask_docker(
+        self, image_id: str, tags: Iterable[str], snapshot: Snapshot
+    ) -> RemovalAnswer:
+        """The gateway's removal; a failure becomes a FAILED answer, logged and counted."""
+        try:
+            return await self.docker.remove_image(image_id, list(tags))
+        except DockerUnavailable as error:
+            log.warning("remove %s: Docker is not reachable: %s", _name(snapshot), error)
+            self._count_failure(error)
+            return RemovalAnswer(RemovalResult.FAILED, detail=f"Docker is not reachable: {error}")
+        except (DockerError, ValueError) as error:
+            self._count_failure(error)
+            log.warning("remove %s failed, will retry: %s", _name(snapshot), error)
+            telemetry.capture_removal_failure(snapshot, error)
+            return RemovalAnswer(RemovalResult.FAILED, detail=str(error)[:300])
+
+    def _report(self, removals: list[PendingRemoval], answer: RemovalAnswer) -> None:
+        """Say what Docker refused, and raise the alarm for every reference it removed that
+        the agent had not chosen (a wrong removal: see docs/operations.md, Safety)."""
+        snapshot = removals[0].snapshot
+        if answer.result in (
+            RemovalResult.IN_USE,
+            RemovalResult.HAS_CHILDREN,
+            RemovalResult.REFERENCED,
+        ):
+            log.info(
+                "remove %s: %s (%s), will retry", _name(snapshot), answer.result, answer.detail
+            )
+        for reference, image_id in answer.unexpected:
+            log.error(
+                "wrong removal: %s (image %s) was removed while removing %s (image %s, %s): "
+                "it changed in a window Docker's API cannot close",
+                reference,
+                image_id[:19],
+                ", ".join(sorted({r.snapshot.image for r in removals})),
+                snapshot.image_id[:19],
+                removals[0].reason.value,
+            )
+            if self.metrics is not None:
+                self.metrics.count_wrong_removal()
+            telemetry.capture_wrong_removal(reference, image_id, snapshot)
 
     def _log(self, report: EvictionReport) -> None:
         summary = report.to_json()
@@ -462,3 +506,8 @@ class Evictor:
         """Let background removals finish (they are short and must record their outcome)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _name(snapshot: Snapshot) -> str:
+    """How log lines name a snapshot: its tag and short id."""
+    return f"{snapshot.image} ({snapshot.image_id[:19]})"

@@ -43,6 +43,8 @@ from typing import Any, Protocol, TypeVar
 import docker
 import docker.errors
 
+from .docker_ops import DockerError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -258,8 +260,11 @@ class LayerIndex:
             async with slots:
                 try:
                     layers, exact = await call(lambda api: fetch_layers(api, image_id))
-                except docker.errors.NotFound:
-                    return  # removed between listing and inspect
+                except DockerError as error:
+                    if error.status == 404:
+                        return  # removed between listing and inspect
+                    errors.append(error)
+                    return
                 except Exception as error:
                     errors.append(error)
                     return

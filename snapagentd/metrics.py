@@ -69,7 +69,17 @@ REQUEST_BUCKETS = (
 )  # fmt: skip
 # The labels evictions_total starts at 0 with, so rate() and increase() see the first one.
 REASONS = ("ttl", "count", "size", "disk", "superseded", "invalidated", "repointed", "leaked")
-RESULTS = ("removed", "in-use", "already-gone", "failed", "leased", "kept")
+RESULTS = (
+    "removed",
+    "untagged",
+    "in-use",
+    "has-children",
+    "referenced",
+    "already-gone",
+    "failed",
+    "leased",
+    "kept",
+)
 UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
@@ -140,6 +150,11 @@ class Metrics:
             ["status"],
             registry=registry,
         )
+        self._wrong = Counter(
+            PREFIX + "wrong_removals",
+            "References Docker removed that the agent had not chosen (see docs: Safety).",
+            registry=registry,
+        )
         self._fsync = Histogram(
             PREFIX + "journal_fsync_seconds",
             "Time of one journal write and fsync (one group commit).",
@@ -186,6 +201,10 @@ class Metrics:
     def count_removal_failure(self, status: str) -> None:
         """A removal Docker refused: its HTTP status as text ("500"), or "unreachable"."""
         self._failures.labels(str(status)).inc()
+
+    def count_wrong_removal(self) -> None:
+        """A reference removed without being chosen: an alarm, never expected to move."""
+        self._wrong.inc()
 
     def set_last_eviction(self, finished_at: datetime) -> None:
         """When the last eviction run finished (a naive datetime is taken as UTC)."""

@@ -36,18 +36,21 @@ class Reason(StrEnum):
 
 
 class RemovalResult(StrEnum):
-    REMOVED = "removed"
-    IN_USE = "in-use"
+    REMOVED = "removed"  # Docker deleted the image (its bytes are free)
+    UNTAGGED = "untagged"  # our tag is off; other references keep the image and its bytes
+    IN_USE = "in-use"  # a container, running or stopped, uses it: retried
+    HAS_CHILDREN = "has-children"  # images were committed or built on it: retried
+    REFERENCED = "referenced"  # it gained a reference since the agent looked: looked at again
     ALREADY_GONE = "already-gone"
     FAILED = "failed"
     PLANNED = "planned"
-    KEPT = "kept"  # not removed: another entry still holds the same tag and image
+    KEPT = "kept"  # not removed: another entry (or, for a leaked image, a new tag) holds it
     LEASED = "leased"  # not removed yet: a lease protects the image; retried after it ends
 
     @property
     def confirmed_gone(self) -> bool:
         """Docker no longer holds our reference: the entry may be forgotten."""
-        return self in (RemovalResult.REMOVED, RemovalResult.ALREADY_GONE)
+        return self in (RemovalResult.REMOVED, RemovalResult.UNTAGGED, RemovalResult.ALREADY_GONE)
 
 
 Key = tuple[str, str]  # (project, work item)

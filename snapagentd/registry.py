@@ -34,6 +34,7 @@ from .models import (
     Snapshot,
     Source,
     Victim,
+    format_time,
     normalise_reference,
     utcnow,
 )
@@ -65,6 +66,8 @@ class Lookup:
     snapshot: Snapshot | None
     retired: list[PendingRemoval]  # set when the entry expired or lost its image
     why_missing: str = ""
+    # False when Docker did not answer within the lookup deadline: answered from the registry.
+    confirmed: bool = True
 
 
 class Registry:
@@ -110,6 +113,7 @@ class Registry:
         self.confirmations.confirm(image, info.id, ticket)
         now = utcnow()
         key = (project, work_item)
+        created_at = first_seen_creation(info, now)
         async with self._locked(key):
             current = self.state.entries.get(key)
             snapshot = Snapshot(
@@ -118,7 +122,10 @@ class Registry:
                 image=image,
                 image_id=info.id,
                 size_bytes=size_bytes if size_bytes is not None else info.size_bytes,
-                created_at=info.created_at,
+                # The same image registered again keeps the creation time it was given.
+                created_at=current.created_at
+                if current and current.ref == (image, info.id)
+                else created_at,
                 # The same image registered again keeps its history of use.
                 last_used_at=current.last_used_at
                 if current and current.ref == (image, info.id)
@@ -133,7 +140,7 @@ class Registry:
             records.append(put_record(snapshot))
             await self._commit(records)
         if info.id in self._removing:  # a removal that began before this put cancelled it
-            await self._removal_settled(info.id)
+            await self.removal_settled(info.id)
             found = await self._inspect(image)
             if found is None or found.id != info.id:
                 raise ImageNotFound(f"image {image!r} was removed while it was being registered")
@@ -152,19 +159,25 @@ class Registry:
         if now - snapshot.created_at > ttl:
             retired = await self.retire([Victim(snapshot, Reason.TTL)])
             return Lookup(None, retired, f"the snapshot is older than {int(ttl.total_seconds())}s")
+        confirmed = True
         if not self.confirmations.holds(snapshot.image, snapshot.image_id):
             ticket = self.confirmations.ticket()
             try:
-                info = await self.docker.inspect(snapshot.image)
+                info = await self.docker.inspect(snapshot.image, self.docker.timeouts.lookup)
             except DockerUnavailable:
-                # Cannot check: serve what we know; the router needs Docker anyway.
-                log.info("lookup: Docker unreachable, answering %s from the registry", key)
+                # Cannot check in time: serve what we know; the router needs Docker anyway.
+                log.info(
+                    "lookup: Docker did not answer, answering project %r, work item %r "
+                    "from the registry",
+                    *key,
+                )
+                confirmed = False
             else:
                 if info is None or info.id != snapshot.image_id:
                     return await self._lost_image(snapshot)
                 self.confirmations.confirm(snapshot.image, snapshot.image_id, ticket)
         await self._commit([touch_record(snapshot, now)])
-        return Lookup(self.state.entries.get(key), [])
+        return Lookup(self.state.entries.get(key), [], confirmed=confirmed)
 
     async def lease(self, key: Key, seconds: int) -> Lease:
         """Protect the entry's current image from every eviction for `seconds`."""
@@ -266,8 +279,11 @@ class Registry:
     async def reconcile(self, images: list[ImageInfo]) -> None:
         """Bring the registry in line with the images Docker has now.
 
-        Entries whose image is gone are dropped, entries whose tag moved to another image are
-        retired, and managed tags nobody registered become `discovered` entries.
+        Entries whose tag no longer names their image are retired (the removal then asks Docker
+        about the image itself: a listing does not show an untagged parent of other images,
+        so absence from it proves nothing), and managed tags nobody registered become
+        `discovered` entries. Pending removals are left to their removal, which alone may
+        conclude an image is gone.
         """
         image_ids = {image.id for image in images}
         managed = self.docker.is_managed
@@ -275,19 +291,14 @@ class Registry:
         now = utcnow()
         records: list[dict[str, Any]] = []
         for snapshot in list(self.state.entries.values()):
-            if snapshot.image_id not in image_ids:
-                records.append(gone_record(snapshot.image, snapshot.image_id))
-            elif (
-                found := tag_to_image.get(snapshot.image)
-            ) is None or found.id != snapshot.image_id:
+            found = tag_to_image.get(snapshot.image)
+            if found is None or found.id != snapshot.image_id:
                 records.append(retire_record(snapshot, Reason.REPOINTED, now))
-        for pending in self.state.pending.values():
-            if pending.snapshot.image_id not in image_ids:
-                records.append(gone_record(pending.snapshot.image, pending.snapshot.image_id))
-        # Images Docker no longer has need no watching for leaks (gone ones included: a gone
-        # record remembers its image id as known until a forget says Docker lacks it).
-        absent = {r["image_id"] for r in records if r["op"] == "gone"}
-        absent |= {i for i in self.state.known_images if i not in image_ids}
+            elif snapshot.created_at > now:
+                # Journalled before creation times were checked: its age starts now.
+                records.append(put_record(_created(snapshot, now)))
+        # Images Docker no longer lists need no watching for leaks.
+        absent = {i for i in self.state.known_images if i not in image_ids}
         records += [forget_record(image_id) for image_id in sorted(absent)]
         for tag, image in tag_to_image.items():
             if (
@@ -302,7 +313,7 @@ class Registry:
                             image=tag,
                             image_id=image.id,
                             size_bytes=image.size_bytes,
-                            created_at=image.created_at,
+                            created_at=first_seen_creation(image, now),
                             last_used_at=None,
                             source=Source.DISCOVERED,
                         )
@@ -324,7 +335,8 @@ class Registry:
             if self._removing.get(image_id) is done:
                 del self._removing[image_id]
 
-    async def _removal_settled(self, image_id: str) -> None:
+    async def removal_settled(self, image_id: str) -> None:
+        """Wait until no removal of `image_id` is under way."""
         while (done := self._removing.get(image_id)) is not None:
             await done.wait()
 
@@ -356,3 +368,28 @@ class Registry:
                 del self._key_locks[key]
             else:
                 self._key_locks[key] = (lock, users - 1)
+
+
+def first_seen_creation(image: ImageInfo, now: datetime) -> datetime:
+    """The creation time an entry records: Docker's `Created`, unless that is unusable or in
+    the future (clock skew, a crafted image); then the age counts from now, when the agent
+    first saw the image, so that TTL and min_age work on it as on any other (and it is said)."""
+    created = image.created_at
+    if created is not None and created <= now:
+        return created
+    problem = image.created_problem or f"Created is in the future: {format_time(created)}"
+    log.warning("image %s: %s; counting its age from now", image.id[:19], problem)
+    return now
+
+
+def _created(snapshot: Snapshot, moment: datetime) -> Snapshot:
+    return Snapshot(
+        snapshot.project,
+        snapshot.work_item,
+        snapshot.image,
+        snapshot.image_id,
+        snapshot.size_bytes,
+        moment,
+        snapshot.last_used_at,
+        snapshot.source,
+    )

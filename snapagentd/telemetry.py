@@ -49,6 +49,21 @@ def capture_removal_failure(snapshot: Snapshot, error: BaseException) -> None:
     )
 
 
+def capture_wrong_removal(reference: str, image_id: str, snapshot: Snapshot) -> None:
+    """Docker removed a reference the agent had not chosen: always worth a human's look."""
+    if _sentry is None:
+        return
+    _sentry.capture_message(
+        f"wrong removal: {reference} ({image_id[:19]}) removed with {snapshot.image}",
+        level="error",
+        tags={"image": snapshot.image, "reason": "wrong-removal", "reference": reference},
+        contexts={
+            "snapshot": snapshot.to_json(),
+            "removed": {"reference": reference, "image_id": image_id},
+        },
+    )
+
+
 def capture_exception(error: BaseException) -> None:
     if _sentry is not None:
         _sentry.capture_exception(error)
