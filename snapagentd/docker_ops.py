@@ -229,6 +229,39 @@ class DockerGateway:
             lambda api: _remove_image(api, image_id, ours), self.timeouts.remove
         )
 
+    # --- the engine and the ownership markers (engine_owner.py decides) -------------------
+
+    async def engine_info(self) -> dict[str, Any]:
+        """`docker info`: the engine's ID, Name, DockerRootDir and SystemTime (its clock)."""
+        info = await self._call(lambda api: api.info(), self.timeouts.inspect)
+        return info if isinstance(info, dict) else {}
+
+    async def list_volumes(self, label: str) -> list[dict[str, Any]]:
+        """Every volume carrying `label` (any value), as `docker volume ls` lists it."""
+        answer = await self._call(
+            lambda api: api.volumes(filters={"label": [label]}), self.timeouts.list
+        )
+        volumes = answer.get("Volumes") if isinstance(answer, dict) else None
+        return [volume for volume in volumes or () if isinstance(volume, dict)]
+
+    async def create_volume(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
+        """Create the volume `name`; Docker answers with an existing one of that name as it
+        is (its own labels), so the caller checks them."""
+        return await self._call(
+            lambda api: api.create_volume(name=name, driver="local", labels=labels),
+            self.timeouts.inspect,
+        )
+
+    async def remove_volume(self, name: str) -> bool:
+        """Remove the volume `name`; False when Docker has no such volume."""
+        try:
+            await self._call(lambda api: api.remove_volume(name), self.timeouts.inspect)
+        except DockerError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
 
 # --- removal, in a worker thread -------------------------------------------------------------
 
@@ -327,7 +360,7 @@ def _moved_during(api: docker.APIClient, tag: str, image_id: str, since: float) 
     an image our DELETE of `tag` took it from. None when no such `tag` event is found."""
     until = datetime.now(UTC).timestamp()
     events = api.events(
-        since=nanosecond_time(since - 1.0),  # a second of slack for a coarse engine clock
+        since=nanosecond_time(since),  # the engine's clock is this host's
         until=nanosecond_time(until),
         filters={"type": ["image"], "event": ["tag"]},
         decode=True,

@@ -3,7 +3,9 @@
 `FaultyDockerProxy` forwards every request to a real dockerd over its Unix socket, except image
 deletions while `fail_removals` is set, which it answers with a 500 as a broken engine would,
 and image inspections while `slow_inspect` is set, which it holds for that many seconds (a slow
-engine).
+engine). `hold_removals()` holds every image DELETE until `release_removals()`: it widens the
+window between the agent's last look at an image and its DELETE (which on a real engine lasts
+milliseconds) so that a test can change the engine inside it, deterministically.
 `SentryReceiver` is a loopback HTTP server that accepts Sentry's envelopes and keeps them.
 """
 
@@ -69,11 +71,33 @@ class FaultyDockerProxy(_LoopThread):
         self.failed_removals = 0
         self.slow_inspect = 0.0
         self.held_inspections = 0
+        self.held_removals = 0  # DELETEs held so far (they wait for release_removals())
+        self._removal_gate: asyncio.Event | None = None
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self.run(self._serve(app, path=str(path)))
 
+    def hold_removals(self) -> None:
+        """From now on, hold each image DELETE before it reaches the engine."""
+        self.run(self._close_gate())
+
+    def release_removals(self) -> None:
+        """Let the held DELETEs (and any later ones) through, in the order they came."""
+        self.run(self._open_gate())
+
+    async def _close_gate(self) -> None:
+        self._removal_gate = asyncio.Event()
+
+    async def _open_gate(self) -> None:
+        if self._removal_gate is not None:
+            self._removal_gate.set()
+            self._removal_gate = None
+
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        gate = self._removal_gate
+        if gate is not None and request.method == "DELETE" and "/images/" in request.path:
+            self.held_removals += 1
+            await gate.wait()  # the injected fault: a DELETE that takes as long as the test likes
         if self.fail_removals and request.method == "DELETE" and "/images/" in request.path:
             self.failed_removals += 1
             return web.json_response({"message": "injected fault: driver failed"}, status=500)
