@@ -21,6 +21,7 @@ from . import telemetry
 from .config import PolicySettings
 from .diskwatch import DiskWatch
 from .docker_ops import DockerError, DockerGateway, DockerUnavailable, ImageInfo, RemovalAnswer
+from .engine_owner import EngineOwner, OwnershipRefused
 from .errors import DockerUnreachable
 from .layers import LayerIndex
 from .models import DISCOVERED_PROJECT, Reason, RemovalResult, Snapshot, Source, format_time, utcnow
@@ -71,6 +72,7 @@ class EvictionReport:
     finished_at: datetime | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     error: str | None = None
+    odd_images: int = 0  # images whose Created Docker gave unusably (see docker_answers)
 
     @property
     def reclaimed_bytes(self) -> int:
@@ -95,6 +97,7 @@ class EvictionReport:
             "referenced": counts[RemovalResult.REFERENCED],
             "wrong_removals": sum(len(outcome.wrong) for outcome in self.outcomes),
             "reclaimed_bytes": self.reclaimed_bytes,
+            "odd_images": self.odd_images,
             "error": self.error,
         }
 
@@ -117,12 +120,16 @@ class Evictor:
         self.last_report: EvictionReport | None = None
         self.managed_unique: int | None = None  # bytes only the snapshots hold, at the last run
         self._unique: dict[str, int] = {}  # unique bytes per image id, as of the last refresh
+        # Images of the last listing whose Created is unusable or in the future, and why.
+        self.odd_images: dict[str, str] = {}
         self._sized = False  # layers measured at least once (the size and disk rules need it)
         self._disk_check: asyncio.Task[None] | None = None
         self._disk_wanted = False  # a registration asked for a disk check not yet made
         # Called with each report once its run has finished (the last eviction's time).
         self.on_report: Any = None
         self.metrics: Any = None  # metrics.Metrics: counts every removal outcome
+        # One agent per engine (the daemon sets it): checked before each run and removal.
+        self.ownership: EngineOwner | None = None
         self._run_lock = asyncio.Lock()
         self._removal_slots = asyncio.Semaphore(REMOVAL_CONCURRENCY)
         self._background: set[asyncio.Task[Any]] = set()
@@ -137,7 +144,12 @@ class Evictor:
         async with self._run_lock:
             report = EvictionReport(trigger, utcnow())
             try:
+                if self.ownership is not None:
+                    await self.ownership.check()
                 report.outcomes = await self._run(measure=trigger != "start")
+            except OwnershipRefused as error:  # another agent's marker: remove nothing
+                report.error = error.message
+                log.error("eviction (%s): %s", trigger, error.message)
             except DockerUnavailable as error:
                 report.error = f"Docker is not reachable: {error}"
                 raise DockerUnreachable(report.error) from None
@@ -145,6 +157,7 @@ class Evictor:
                 report.error = str(error) or type(error).__name__
                 raise
             finally:
+                report.odd_images = len(self.odd_images)
                 report.finished_at = utcnow()
                 self.last_report = report
                 self._log(report)
@@ -169,7 +182,10 @@ class Evictor:
     async def _plan(
         self, measure: bool = True
     ) -> tuple[list[ImageInfo], frozenset[str], Plan, int]:
+        if self.ownership is not None:  # the journal's ids must be this engine's
+            await self.ownership.ensure_engine()
         images = await self.docker.list_images()
+        self._note_odd_images(images)
         containers = await self.docker.containers()
         await self.registry.reconcile(images)
         # Events can be lost (short backlog, slow subscribers): containers tell the rest.
@@ -205,6 +221,23 @@ class Evictor:
             await self._refresh_layers(await self.docker.list_images())
         self._note_managed_unique()
         return outcomes
+
+    def _note_odd_images(self, images: list[ImageInfo]) -> None:
+        """Say once per image when Docker's Created cannot be used: such an image never stops a
+        run (its age counts from when the agent first saw it), but someone should know."""
+        now = utcnow()
+        odd = {
+            image.id: image.created_problem or f"Created is in the future: {image.created_at}"
+            for image in images
+            if image.created_problem or (image.created_at is not None and image.created_at > now)
+        }
+        for image_id in sorted(odd.keys() - self.odd_images.keys()):
+            log.warning(
+                "image %s: %s; its age counts from when the agent saw it", image_id, odd[image_id]
+            )
+        self.odd_images = odd
+        if self.metrics is not None:
+            self.metrics.set_odd_images(len(odd))
 
     def _note_managed_unique(self) -> None:
         """Status's figure: what removing every snapshot would free (None until measured)."""
@@ -291,6 +324,8 @@ class Evictor:
 
         A leased image is not asked for: it stays pending until its lease ends.
         """
+        if self.ownership is not None:  # the journal's ids must be this engine's
+            await self.ownership.ensure_engine()
         leased = self.registry.state.leased_ids(utcnow())
         by_image: dict[str, list[PendingRemoval]] = {}
         for removal in removals:

@@ -155,6 +155,11 @@ class Metrics:
             "References Docker removed that the agent had not chosen (see docs: Safety).",
             registry=registry,
         )
+        self._odd = Gauge(
+            PREFIX + "odd_images",
+            "Images of the last listing whose creation time is unusable or in the future.",
+            registry=registry,
+        )
         self._fsync = Histogram(
             PREFIX + "journal_fsync_seconds",
             "Time of one journal write and fsync (one group commit).",
@@ -205,6 +210,10 @@ class Metrics:
     def count_wrong_removal(self) -> None:
         """A reference removed without being chosen: an alarm, never expected to move."""
         self._wrong.inc()
+
+    def set_odd_images(self, count: int) -> None:
+        """Images whose Created Docker gave unusably, as of the last run's listing."""
+        self._odd.set(count)
 
     def set_last_eviction(self, finished_at: datetime) -> None:
         """When the last eviction run finished (a naive datetime is taken as UTC)."""
