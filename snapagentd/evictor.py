@@ -398,11 +398,10 @@ class Evictor:
             with self.registry.removing(image_id):
                 answer = await self._ask_docker(image_id, tags, current[0].snapshot)
         self._report(current, answer)
-        wrong = answer.unexpected
-        return outcomes + [
-            Outcome(r, answer.result, freed, answer.detail, wrong if i == 0 else ())
-            for i, r in enumerate(current)
-        ]
+        # The image's bytes and any wrong removal are told once, with the first of its tags.
+        first = Outcome(current[0], answer.result, freed, answer.detail, answer.unexpected)
+        rest = [Outcome(r, answer.result, None, answer.detail) for r in current[1:]]
+        return [*outcomes, first, *rest]
 
     async def _ask_docker(
         self, image_id: str, tags: Iterable[str], snapshot: Snapshot

@@ -404,3 +404,23 @@ def test_a_parent_of_other_images_is_told_apart_and_never_taken_for_gone(
         ("invalidated", "already-gone")
     ]
     assert agent.status()["snapshots"]["pending_removal"] == 0
+
+
+def test_an_image_with_two_snapshot_tags_goes_in_one_removal(
+    make_agent, docker_client: docker.APIClient
+) -> None:
+    """Both tags retired in one run: the first comes off by name, the image goes by id with
+    the last (an id with two references would be refused); both entries say removed."""
+    image_id = make_image(docker_client, "cascade-snapshot-two-a:latest")
+    docker_client.tag(image_id, "cascade-snapshot-two-b", "latest")
+    agent = make_agent()
+    agent.register("p", "a", "cascade-snapshot-two-a:latest")
+    agent.register("p", "b", "cascade-snapshot-two-b:latest")
+    agent.stop()
+    agent.policy["max_count"] = 0
+    agent.write_config()
+    agent.start()  # the start-up run evicts both
+    wait_until(lambda: not image_exists(docker_client, image_id), message="the image removed")
+    last = agent.status()["last_eviction"]
+    assert (last["removed"], last["untagged"], last["wrong_removals"]) == (2, 0, 0)
+    assert agent.snapshots() == []
