@@ -424,3 +424,34 @@ def test_an_image_with_two_snapshot_tags_goes_in_one_removal(
     last = agent.status()["last_eviction"]
     assert (last["removed"], last["untagged"], last["wrong_removals"]) == (2, 0, 0)
     assert agent.snapshots() == []
+
+
+def test_held_an_engine_restart_in_the_window_fails_safe_and_is_retried(
+    make_agent, fresh_docker_engine, short_tmp_path
+) -> None:
+    """The engine stops while the agent's DELETE is held and comes back before it is let go:
+    the removal lands on the restarted engine (or fails and is retried); only our image goes."""
+    engine = fresh_docker_engine
+    proxy = FaultyDockerProxy(short_tmp_path / "restart-proxy.sock", engine.socket_path)
+    client = engine.client()
+    try:
+        image_id = make_image(client, TAG)
+        other_id = make_image(client, "foreign-stays:1")
+        agent = make_agent(docker_url=proxy.url)
+        agent.register(KEY["project"], KEY["work_item"], TAG)
+        thread, answer = held(proxy, invalidating(agent))
+        client.close()
+        engine.restart()
+        client = engine.client()
+        body = finish(thread, answer, proxy)
+        assert body["result"] in ("removed", "failed"), body
+        if body["result"] == "failed":  # the DELETE met the engine while it was down
+            evicted = agent.ok("POST", "/v1/evict", {})["evicted"]
+            assert [e["result"] for e in evicted] == ["removed"]
+        assert not image_exists(client, image_id)
+        assert image_exists(client, other_id)
+        assert wrong_removals(agent) == 0
+    finally:
+        client.close()
+        proxy.release_removals()
+        proxy.close()
