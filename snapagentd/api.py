@@ -42,6 +42,7 @@ from .models import (
     normalise_reference,
     utcnow,
 )
+from .ownership import engine_status
 from .registry import Registry
 from .state import Lease
 
@@ -375,6 +376,7 @@ def status_document(services: Services) -> dict[str, Any]:
         "policy": evictor.policy.to_json(),
         "last_eviction": evictor.last_report.to_json() if evictor.last_report else None,
         "journal": {"path": str(registry.journal.path), "records": registry.journal.records},
+        "engine": engine_status(state),
     }
 
 

@@ -71,6 +71,8 @@ class DockerSettings:
     data_root: str = ""
     # Dangling images carrying this label ("key" or "key=value") are removed too; "": none.
     dangling_label: str = ""
+    # Another agent may run on this engine, if both say so and their prefixes are disjoint.
+    shared_engine: bool = False
     # How long each kind of Docker call may take before the agent stops waiting.
     timeouts: DockerTimeouts = field(default_factory=lambda: DockerTimeouts())
 
@@ -249,6 +251,13 @@ def octal_mode(value: Any) -> int:
     raise ValueError(f'invalid mode {value!r} (use an octal string such as "0660")')
 
 
+def boolean(value: Any) -> bool:
+    """A TOML boolean (a string such as "yes" is refused: it would hide a typo)."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"invalid value {value!r} (use true or false)")
+
+
 def text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -403,6 +412,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "image_prefixes": ("image_prefixes", image_prefixes),
         "data_root": ("data_root", optional_absolute_path),
         "dangling_label": ("dangling_label", label_selector),
+        "shared_engine": ("shared_engine", boolean),
         "inspect_timeout": ("timeouts.inspect", timeout_seconds),
         "list_timeout": ("timeouts.list", timeout_seconds),
         "remove_timeout": ("timeouts.remove", timeout_seconds),

@@ -29,9 +29,10 @@ from .api import SERVICES, Services, create_app, status_document
 from .config import ConfigError, Settings, load_settings
 from .connections import ConnectionGuard
 from .docker_ops import DockerGateway
+from .engine_owner import EngineOwner, OwnershipRefused
 from .events import ContainerUse, EventFollower, ImageChange
 from .evictor import Evictor
-from .journal import Journal
+from .journal import Journal, JournalUnavailable
 from .metrics import (
     DiskGauges,
     Metrics,
@@ -114,6 +115,14 @@ def build_app(
         evictor.on_report = lambda report: note_eviction(metrics, report)
         metrics.set_state_reader(lambda: state_gauges(services))
         app[SERVICES] = services
+        # One agent per engine, and the journal's image ids this engine's: before any reconcile.
+        evictor.ownership = EngineOwner(state, journal, docker, settings)
+        try:
+            await evictor.ownership.start()
+        except (OwnershipRefused, JournalUnavailable) as error:
+            await journal.close()
+            docker.close()
+            raise StartupError(str(error)) from None
         # Reconcile with Docker and apply the policy once, before serving anyone.
         await evictor.run_quietly("start")
         try:

@@ -324,8 +324,8 @@ class Evictor:
 
         A leased image is not asked for: it stays pending until its lease ends.
         """
-        if self.ownership is not None:  # the journal's ids must be this engine's
-            await self.ownership.ensure_engine()
+        if self.ownership is not None and (problem := await self.ownership.engine_problem()):
+            return [Outcome(r, RemovalResult.FAILED, detail=problem) for r in removals]
         leased = self.registry.state.leased_ids(utcnow())
         by_image: dict[str, list[PendingRemoval]] = {}
         for removal in removals:

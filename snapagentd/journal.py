@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 # The record types state.py applies.
-KNOWN_OPS = frozenset({"put", "touch", "retire", "gone", "lease", "release", "known", "forget"})
+KNOWN_OPS = frozenset(
+    {"put", "touch", "retire", "gone", "lease", "release", "known", "forget", "instance", "engine"}
+)
 # Compact once the file holds this many records more than the live state needs.
 COMPACT_SLACK = 1000
 REWRITE_CHUNK = 1000  # records encoded per write while compacting

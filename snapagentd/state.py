@@ -14,6 +14,12 @@ Records (journal.encode stamps each with its version "v"):
   known   {"image","image_id"}         an image entries referenced and no longer do (for leaked
                                        layers); gone implies it, compaction writes it out
   forget  {"image_id"}                 Docker has no such image any more: stop looking for it
+  instance {"id"}                      the agent's own random id, made once (its marker volume's
+                                       name: ownership.py)
+  engine  {"id","root","name"}         the Docker engine the journal describes (`docker info`'s
+                                       ID, DockerRootDir, Name). Another engine than the one
+                                       recorded drops the known images and pending removals:
+                                       their ids were learned elsewhere and mean nothing here
 """
 
 from __future__ import annotations
@@ -74,6 +80,27 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Engine:
+    """The Docker engine a journal describes.
+
+    `id` alone does not tell engines apart: Docker 20.10 (Debian 12's) derives it from the
+    host's /etc/docker/key.json, shared by every engine on the host and copied with cloned
+    machines. With the data root, two engines on one host differ too.
+    """
+
+    id: str
+    root: str
+    name: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.id, self.root)
+
+    def describe(self) -> str:
+        return f"{self.id} (data root {self.root or '?'}, host {self.name or '?'})"
+
+
+@dataclass(frozen=True, slots=True)
 class PendingRemoval:
     """An image the agent decided to remove and Docker has not yet confirmed gone."""
 
@@ -129,6 +156,14 @@ def forget_record(image_id: str) -> dict[str, Any]:
     return {"op": "forget", "image_id": image_id}
 
 
+def instance_record(instance_id: str) -> dict[str, Any]:
+    return {"op": "instance", "id": instance_id}
+
+
+def engine_record(engine: Engine) -> dict[str, Any]:
+    return {"op": "engine", "id": engine.id, "root": engine.root, "name": engine.name}
+
+
 class RegistryState:
     """Live entries by key, images pending removal by (tag, id), leases, and known images."""
 
@@ -139,6 +174,8 @@ class RegistryState:
         # Image ids entries referenced and no longer do (with a managed tag they had), until
         # Docker no longer has them: a dangling one among them is a leaked layer to remove.
         self.known_images: dict[str, str] = {}
+        self.instance_id: str | None = None  # this agent's own id (its marker volume's name)
+        self.engine: Engine | None = None  # the engine the records describe; None: not yet known
         self._keys_by_id: dict[str, set[Key]] = {}
         # Which keys hold a (tag, id), by tag then id: register asks for every entry under one
         # tag, which a flat (tag, id) index could only answer by scanning all of it.
@@ -149,7 +186,10 @@ class RegistryState:
 
     def __len__(self) -> int:
         """The number of records to_records writes (the journal asks after every commit)."""
-        return len(self.entries) + len(self.pending) + len(self.leases) + len(self.known_images)
+        own = (self.instance_id is not None) + (self.engine is not None)
+        return (
+            own + len(self.entries) + len(self.pending) + len(self.leases) + len(self.known_images)
+        )
 
     def apply(self, record: dict[str, Any]) -> None:
         """Apply one journal record. Raises KeyError/ValueError on a malformed one, unchanged."""
@@ -196,6 +236,16 @@ class RegistryState:
             self._note_if_unreferenced(str(record["image"]), str(record["image_id"]))
         elif op == "forget":
             self.known_images.pop(str(record["image_id"]), None)
+        elif op == "instance":
+            self.instance_id = str(record["id"])
+        elif op == "engine":
+            engine = Engine(str(record["id"]), str(record["root"]), str(record.get("name", "")))
+            if self.engine is not None and self.engine.key != engine.key:
+                # Image ids learned on another engine: a dangling image here with one of those
+                # ids is someone else's. Entries stay (reconcile checks tag and id here).
+                self.known_images.clear()
+                self.pending.clear()
+            self.engine = engine
         else:
             raise ValueError(f"unknown record type {op!r} (written by a newer snapagentd?)")
 
@@ -255,6 +305,10 @@ class RegistryState:
 
     def iter_records(self) -> Iterator[dict[str, Any]]:
         """to_records one at a time; the state must not change while this is consumed."""
+        if self.instance_id is not None:
+            yield instance_record(self.instance_id)
+        if self.engine is not None:  # first: replayed with no engine before it, it drops nothing
+            yield engine_record(self.engine)
         for pending in self.pending.values():
             yield retire_record(pending.snapshot, pending.reason, pending.since)
         for snapshot in self.entries.values():

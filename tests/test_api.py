@@ -240,9 +240,14 @@ def test_recommit_to_same_tag_removes_the_dangling_old_image(agent, docker_clien
     new_id = make_image(docker_client, "cascade-snapshot-re:latest")  # the tag moves on
     entry = agent.register("p", "w", "cascade-snapshot-re:latest")
     assert entry["image_id"] == new_id
-    wait_until(lambda: not image_exists(docker_client, old_id), message="old image removed")
+    # The removal runs in the background; the agent journals it once Docker confirmed it, a
+    # moment after the image is gone: wait for the journalled end, then check Docker.
+    wait_until(
+        lambda: agent.status()["snapshots"]["pending_removal"] == 0,
+        message="the agent to record the old image's removal",
+    )
+    assert not image_exists(docker_client, old_id)
     assert image_exists(docker_client, new_id)
-    assert agent.status()["snapshots"]["pending_removal"] == 0
 
 
 def test_lookup_after_tag_moved_is_404_and_removes_our_dangling_image(agent, docker_client):
