@@ -285,6 +285,7 @@ class Bench:
         if agent.process is not None:
             agent.stop(signal.SIGTERM, timeout=60)
         agent.notify.close()
+        agent.remove_marker()  # the next agent, with a journal of its own, may then start
 
 
 @contextmanager

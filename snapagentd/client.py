@@ -59,6 +59,7 @@ __all__ = [
     "DockerEvents",
     "DockerStatus",
     "DockerUnavailableError",
+    "EngineStatus",
     "EvictedSnapshot",
     "Eviction",
     "FoundSnapshot",
@@ -311,6 +312,15 @@ class JournalStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """The Docker engine the agent's journal describes, and the agent's ownership marker."""
+
+    id: str | None  # `docker info`'s ID; None until the agent has reached Docker once
+    instance: str | None  # the agent's own instance id
+    marker: str | None  # its marker volume's name, snapagentd-owner-<instance>
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     version: str
     docker: DockerStatus
@@ -319,6 +329,8 @@ class Status:
     last_eviction: LastEviction | None  # None before the first eviction run
     journal: JournalStatus
     disk: DiskStatus | None = field(default=None, kw_only=True)  # None: watermarks off
+    # None from an agent older than ownership markers (it does not send `engine`).
+    engine: EngineStatus | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
 
 
 def format_time(moment: datetime) -> str:
@@ -818,6 +830,17 @@ def _status(data: dict[str, Any]) -> Status:
         ),
         journal=JournalStatus(_get(journal, "path", "str"), _get(journal, "records", "int")),
         disk=_disk(_get(data, "disk", "object", nullable=True, default=None)),
+        engine=_engine(_optional(data, "engine", "object")),
+    )
+
+
+def _engine(data: dict[str, Any] | None) -> EngineStatus | None:
+    if data is None:
+        return None
+    return EngineStatus(
+        _get(data, "id", "str", nullable=True),
+        _get(data, "instance", "str", nullable=True),
+        _get(data, "marker", "str", nullable=True),
     )
 
 

@@ -323,6 +323,11 @@ def status_pairs(body: dict[str, Any], now: datetime) -> list[tuple[str, str]]:
             text += f", error: {clean(last['error'])}"
         pairs.append(("last eviction", text))
     pairs.append(("journal", f"{clean(journal['path'])} ({count(journal, 'records')} records)"))
+    engine = body.get("engine")
+    if isinstance(engine, dict):  # absent from agents older than ownership markers
+        engine_id = clean(engine.get("id") or "not reached yet")
+        owner = f"instance {clean(engine.get('instance'))}, marker {clean(engine.get('marker'))}"
+        pairs.append(("engine", f"{engine_id} ({owner})"))
     return pairs
 
 

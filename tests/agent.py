@@ -6,6 +6,7 @@ and tests talk to it over its Unix socket with a plain HTTP client.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -182,7 +183,40 @@ class Agent:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def instance_id(self) -> str | None:
+        """The agent's instance id, from its journal (None before it made one)."""
+        if not self.journal_path.exists():
+            return None
+        for line in self.journal_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("op") == "instance":
+                    return str(record["id"])
+        return None
+
+    def marker(self) -> str | None:
+        """The name of the agent's ownership marker volume (snapagentd/ownership.py)."""
+        instance = self.instance_id()
+        return None if instance is None else f"snapagentd-owner-{instance}"
+
+    def remove_marker(self) -> None:
+        """Take the agent's marker out of its engine, as an operator retiring it would: the
+        next test's agent, with a journal of its own, would refuse to start beside it."""
+        name = self.marker()
+        if name is None:
+            return
+        import docker  # here: only the tests that ran an agent need it
+
+        with contextlib.suppress(Exception):  # engine stopped or unreachable: nothing to do
+            client = docker.APIClient(base_url=self.docker_url, version="auto", timeout=10)
+            try:
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.remove_volume(name)
+            finally:
+                client.close()
+
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+        self.remove_marker()

@@ -509,8 +509,13 @@ def remove_test_artifacts(
     client: docker.APIClient, prefixes: Iterable[str] = CLEANUP_PREFIXES
 ) -> None:
     """Remove all containers (forced: test clean-up only), every tag starting with one of
-    ``prefixes``, and all dangling images."""
+    ``prefixes``, all dangling images, and the agents' ownership markers (a test's agent
+    with a journal of its own would refuse to start beside an earlier test's)."""
     prefixes = tuple(prefixes)
+    volumes = client.volumes(filters={"label": ["snapagentd.instance"]}).get("Volumes") or []
+    for volume in volumes:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.remove_volume(volume["Name"])
     for container in client.containers(all=True, quiet=True):
         with contextlib.suppress(docker.errors.NotFound):
             client.remove_container(container["Id"], force=True, v=True)

@@ -315,7 +315,12 @@ def test_status_document(agent, docker_client):
     assert status["policy"]["max_count"] == 100
     assert status["policy"]["disk_high"] == "off"
     assert status["last_eviction"]["trigger"] == "start"
-    assert status["journal"] == {"path": str(agent.journal_path), "records": 1}
+    # The agent's own instance id and the engine it works on come first, then the entry.
+    assert status["journal"] == {"path": str(agent.journal_path), "records": 3}
+    instance = agent.instance_id()
+    engine_id = docker_client.info()["ID"]
+    marker = f"snapagentd-owner-{instance}"
+    assert status["engine"] == {"id": engine_id, "instance": instance, "marker": marker}
 
 
 def test_openapi_document_covers_every_route(agent):

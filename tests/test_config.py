@@ -63,6 +63,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.policy.projects == ()
     assert settings.docker.data_root == ""
     assert settings.docker.dangling_label == ""
+    assert settings.docker.shared_engine is False
     assert settings.metrics.listen == ""
 
 
@@ -239,6 +240,8 @@ ACCEPTED = [
     ("docker", "dangling_label", "cascade.managed=true", "cascade.managed=true"),
     ("docker", "dangling_label", "cascade.managed", "cascade.managed"),
     ("docker", "dangling_label", "", ""),
+    ("docker", "shared_engine", True, True),
+    ("docker", "shared_engine", False, False),
     ("metrics", "listen", "", ""),
     ("metrics", "listen", "127.0.0.1:9465", "127.0.0.1:9465"),
 ]
@@ -315,6 +318,8 @@ REJECTED = [
     ("policy", "disk_interval", "0s", "'0s'"),
     ("policy", "size_accounting", "shared", "'shared'"),
     ("docker", "dangling_label", "a b", "'a b'"),
+    ("docker", "shared_engine", "yes", "'yes'"),
+    ("docker", "shared_engine", 1, "1"),
     ("metrics", "listen", "0.0.0.0:9465", "'0.0.0.0:9465'"),
     ("metrics", "listen", "127.0.0.1:http", "'127.0.0.1:http'"),
 ]

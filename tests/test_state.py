@@ -323,6 +323,8 @@ MALFORMED = [
     pytest.param(broken_snapshot(created_at=None), id="snapshot-created-at-null"),
     pytest.param(broken_snapshot(created_at=_DELETE), id="snapshot-without-created-at"),
     pytest.param(broken_snapshot(last_used_at=1.5), id="snapshot-last-used-at-number"),
+    pytest.param({"op": "instance"}, id="instance-without-id"),
+    pytest.param({"op": "engine", "id": "ABCD"}, id="engine-without-root"),
 ]
 
 

@@ -305,6 +305,23 @@ export type Status = {
      */
     records: number;
   };
+  /**
+   * The Docker engine the journal describes, and this agent's ownership marker in it (one agent per engine: docs/operations.md).
+   */
+  engine: {
+    /**
+     * The engine's ID (`docker info`); `null` until the agent has reached Docker once.
+     */
+    id: string | null;
+    /**
+     * The agent's own instance id: random, made once, kept in the journal.
+     */
+    instance: string | null;
+    /**
+     * The volume the agent keeps in the engine as its ownership marker: `snapagentd-owner-<instance>`.
+     */
+    marker: string | null;
+  };
 };
 
 /**
