@@ -6,6 +6,8 @@ including aiohttp's own 404/405/413, so clients never have to parse HTML.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -19,9 +21,12 @@ from aiohttp import web
 
 from . import __version__, telemetry
 from .config import MAX_DURATION_SECONDS, Settings
+from .connections import ConnectionShed
 from .docker_ops import DockerUnavailable
 from .errors import (
+    BodyTimeout,
     BodyTooLarge,
+    ClientDisconnected,
     DockerFailed,
     DockerUnreachable,
     Fault,
@@ -32,6 +37,7 @@ from .errors import (
     MethodNotAllowed,
     RouteNotFound,
     SnapshotNotFound,
+    TooManyConnections,
 )
 from .evictor import Evictor, Explained
 from .models import (
@@ -49,6 +55,7 @@ from .state import Lease
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+BODY_SECONDS = 10  # a body still arriving this long after its headers is refused (408)
 MAX_NAME_CHARS = 1024  # project and work item
 # A lease bridges a lookup and a container create: minutes. A day is a bug in the router.
 MAX_LEASE_SECONDS = 24 * 3600
@@ -83,8 +90,22 @@ SERVICES: Any = web.AppKey("services", Services) if hasattr(web, "AppKey") else 
 
 
 async def read_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    """The JSON object in the body; an empty body is an empty object."""
-    body = await request.read()  # raises 413 over client_max_size (MAX_BODY_BYTES + 1)
+    """The JSON object in the body; an empty body is an empty object.
+
+    The body must arrive within BODY_SECONDS: one trickled byte by byte would otherwise hold
+    its connection, and a place under the connection cap, for as long as its sender likes."""
+    try:
+        if request.content.is_eof():  # all of it is here (nearly always): no timer needed
+            body = await request.read()  # raises 413 over client_max_size (MAX_BODY_BYTES + 1)
+        else:
+            async with asyncio.timeout(BODY_SECONDS):
+                body = await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {BODY_SECONDS} s") from None
+    except ConnectionShed as error:  # the guard gave its place away and answered it
+        raise TooManyConnections(str(error)) from None
+    except OSError:  # aiohttp fails the read with the reason the connection was lost
+        raise ClientDisconnected("client disconnected before sending its whole body") from None
     if len(body) > MAX_BODY_BYTES:  # aiohttp < 3.9 already refuses exactly client_max_size
         raise BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
     if not body.strip():
@@ -392,8 +413,21 @@ def error_response(fault: Fault, headers: dict[str, str] | None = None) -> web.R
 async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
+    except BodyTimeout as fault:
+        # Answer now and close: aiohttp would go on reading (lingering) the rest of a body
+        # that is not coming for up to 10 s more, holding the connection and its place.
+        response = error_response(fault)
+        response.force_close()
+        with contextlib.suppress(ConnectionError):  # it hung up meanwhile: nobody to tell
+            await response.prepare(request)
+            await response.write_eof()
+        request.protocol.force_close()
+        return response
     except Fault as fault:
         return error_response(fault)
+    except ClientDisconnected as gone:  # one line, no traceback: the client's doing
+        log.info("%s %s: %s", request.method, request.path, gone)
+        return web.Response(status=499)  # nginx's "client closed request", for the metrics
     except DockerUnavailable as error:
         return error_response(DockerUnreachable(f"Docker is not reachable: {error}"))
     except docker.errors.APIError as error:

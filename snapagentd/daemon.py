@@ -54,6 +54,9 @@ DOCKER_HEALTH_SECONDS = 30  # while it answers
 SHUTDOWN_TIMEOUT_SECONDS = 30  # in-flight requests get this long to finish on SIGTERM
 MAX_CONNECTIONS = 256  # open API connections; more get 503 too-many-connections
 FIRST_REQUEST_SECONDS = 10  # a new connection must have sent a request's headers by then
+# At the cap, a newcomer takes the place of a connection stuck longer than this in reading a
+# request (headers or body incomplete); a body's own deadline is api.BODY_SECONDS.
+SHED_AFTER_SECONDS = 1
 KEEPALIVE_SECONDS = 30  # an idle keep-alive connection is closed after this long
 # The request line and each header: two 1024-character names percent-encode to about 25 KB
 # in a DELETE's query line (aiohttp's default, 8190 bytes, would refuse valid keys).
@@ -376,7 +379,12 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings]) -> 
     if sock is None:
         api = settings.api
         sock = bind_unix_socket(api.socket, api.socket_mode, api.socket_group)
-    guard = ConnectionGuard(MAX_CONNECTIONS, FIRST_REQUEST_SECONDS, peer_screen(allowed_gids))
+    guard = ConnectionGuard(
+        MAX_CONNECTIONS,
+        FIRST_REQUEST_SECONDS,
+        peer_screen(allowed_gids),
+        shed_after=SHED_AFTER_SECONDS,
+    )
     metrics = Metrics()
     app = build_app(settings, notifier, guard, metrics)
     runner = make_runner(app)

@@ -48,6 +48,13 @@ class MethodNotAllowed(Fault):
     code, status = "method-not-allowed", 405
 
 
+class BodyTimeout(Fault):
+    """The body did not arrive within api.BODY_SECONDS of the headers; the connection is
+    closed after this answer (a body trickled byte by byte would hold it for minutes)."""
+
+    code, status = "body-timeout", 408
+
+
 class BodyTooLarge(Fault):
     code, status = "body-too-large", 413
 
@@ -76,3 +83,8 @@ class TooManyConnections(Fault):
     """Sent by connections.ConnectionGuard before the request is read, never raised."""
 
     code, status = "too-many-connections", 503
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its whole body arrived: nobody is left to answer, and it is
+    the client's doing, so it is logged in one line, not reported as an internal error."""

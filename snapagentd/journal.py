@@ -4,6 +4,10 @@ Every change is a record; a record is applied to the in-memory state only after 
 written and fsynced, so memory never runs ahead of the disk. Concurrent appends share one
 write and one fsync (group commit). Compaction rewrites the live state to a temporary file,
 fsyncs it, renames it over the journal and fsyncs the directory.
+
+All blocking file work runs on the journal's own thread, never on asyncio's default executor:
+a hung Docker engine whose calls fill that executor would otherwise stall every durable
+write behind them (leases, releases and deletes once waited 22 s).
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +35,7 @@ KNOWN_OPS = frozenset(
 # Compact once the file holds this many records more than the live state needs.
 COMPACT_SLACK = 1000
 REWRITE_CHUNK = 1000  # records encoded per write while compacting
+THREAD_NAME = "journal"  # the thread doing its writes, fsyncs and compactions
 
 
 class JournalCorrupt(Exception):
@@ -117,6 +124,9 @@ class Journal:
         self._flusher: asyncio.Task[None] | None = None
         self._io_lock = asyncio.Lock()
         self._compaction: asyncio.Task[None] | None = None
+        # One worker: writes are serialised by _io_lock anyway, and a thread of its own means
+        # nothing else queued on an executor can delay an fsync. Started on first use.
+        self._thread = ThreadPoolExecutor(max_workers=1, initializer=_name_thread)
         # Called with the seconds of each write+fsync of appended records (the metrics).
         self.on_fsync: Callable[[float], None] | None = None
 
@@ -208,11 +218,10 @@ class Journal:
                 batch, self._queue = self._queue, []
                 data = b"".join(pending.data for pending in batch)
                 try:
-                    await asyncio.to_thread(self._write_durably, data)
-                except OSError as error:
-                    failure = JournalUnavailable(
-                        f"journal write to {self.path} failed: {error.strerror or error}"
-                    )
+                    await self._in_thread(self._write_durably, data)
+                except (OSError, RuntimeError) as error:  # RuntimeError: closed already
+                    reason = getattr(error, "strerror", None) or error
+                    failure = JournalUnavailable(f"journal write to {self.path} failed: {reason}")
                     log.error("%s", failure)
                     for pending in batch:
                         pending.done.set_exception(failure)
@@ -264,8 +273,8 @@ class Journal:
         async with self._io_lock:
             before = self.records
             try:
-                await asyncio.to_thread(self._rewrite, self._state.iter_records())
-            except OSError as error:
+                await self._in_thread(self._rewrite, self._state.iter_records())
+            except (OSError, RuntimeError) as error:  # RuntimeError: closed already
                 log.error("compaction of %s failed, keeping the old file: %s", self.path, error)
                 return
             log.info("compacted %d records into %d", before, self.records)
@@ -305,18 +314,28 @@ class Journal:
     # --- shutdown -------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Finish queued writes and a running compaction, then close the file."""
+        """Finish queued writes and a running compaction, then close the file and end the
+        journal's thread (idle by then: the join is immediate)."""
         if self._flusher is not None:
             await self._flusher
         if self._compaction is not None:
             await self._compaction
         self._close_files()
+        self._thread.shutdown(wait=True)
+
+    def _in_thread(self, work: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+        """Run blocking file work on the journal's own thread."""
+        return asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
 
     def _close_files(self) -> None:
         for fd in (self._fd, self._dir_fd):
             if fd >= 0:
                 os.close(fd)
         self._fd = self._dir_fd = -1
+
+
+def _name_thread() -> None:
+    threading.current_thread().name = THREAD_NAME  # named in stack dumps and thread listings
 
 
 def _write_chunk(fd: int, chunk: list[bytes]) -> int:

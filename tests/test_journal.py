@@ -10,16 +10,20 @@ import os
 import resource
 import signal
 import stat
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from snapagentd import journal as journal_module
 from snapagentd.journal import (
     COMPACT_SLACK,
     RECORD_VERSION,
+    THREAD_NAME,
     Journal,
     JournalCorrupt,
     JournalUnavailable,
@@ -698,3 +702,56 @@ async def test_a_future_record_as_the_last_line_stops_the_start_and_is_kept(
     finally:
         await journal.close()
     assert path.read_bytes() == before  # nothing cut, nothing rewritten
+
+
+# --- the journal's own thread ---------------------------------------------------------------
+
+
+async def test_appends_and_compaction_run_on_the_journal_thread_while_the_default_executor_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hung Docker calls once filled asyncio's default executor and every fsync waited behind
+    them (22 s): the journal's writes, fsyncs and compactions have a thread of their own."""
+    loop = asyncio.get_running_loop()
+    default = ThreadPoolExecutor(max_workers=2)
+    loop.set_default_executor(default)
+    release = threading.Event()
+    blocked = [loop.run_in_executor(None, release.wait, 60) for _ in range(2)]
+    queued = asyncio.ensure_future(asyncio.to_thread(lambda: None))  # waits for a worker
+    path = tmp_path / "journal.jsonl"
+    journal, state = open_journal(path)
+    workers: list[threading.Thread] = []
+    journal.on_fsync = lambda seconds: workers.append(threading.current_thread())
+    real_fsync_directory = journal_module._fsync_directory
+
+    def fsync_directory(directory: Path) -> None:  # the last step of a compaction
+        workers.append(threading.current_thread())
+        real_fsync_directory(directory)
+
+    monkeypatch.setattr(journal_module, "_fsync_directory", fsync_directory)
+    try:
+        await asyncio.wait_for(journal.append([put_record(A), put_record(B)]), timeout=10)
+        await asyncio.wait_for(journal.append([retire_record(B, Reason.TTL, NOW)]), timeout=10)
+        assert file_records(path) == [
+            {**record, "v": RECORD_VERSION}
+            for record in [put_record(A), put_record(B), retire_record(B, Reason.TTL, NOW)]
+        ]
+        await asyncio.wait_for(journal.compact(), timeout=10)
+        assert len(file_records(path)) == len(list(state.iter_records())) < 3
+        assert not queued.done(), "the default executor was not full: the test proves nothing"
+    finally:
+        release.set()
+        await asyncio.gather(*blocked, queued)
+        default.shutdown(wait=True)
+        await journal.close()
+    assert [thread.name for thread in workers] == [THREAD_NAME] * 3
+    assert len(set(workers)) == 1 and workers[0] is not threading.main_thread()
+    assert not workers[0].is_alive()  # close() ended it
+
+
+async def test_an_append_after_close_fails_instead_of_hanging(tmp_path: Path) -> None:
+    journal, state = open_journal(tmp_path / "journal.jsonl")
+    await journal.close()
+    with pytest.raises(JournalUnavailable):
+        await asyncio.wait_for(journal.append([put_record(A)]), timeout=10)
+    assert state.entries == {}
