@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import docker.errors
 from aiohttp import web
 
 from . import __version__, telemetry
 from .config import MAX_DURATION_SECONDS, Settings
 from .connections import ConnectionShed
-from .docker_ops import DockerUnavailable
+from .docker_ops import DockerError, DockerUnavailable
 from .errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -221,7 +220,7 @@ async def lookup(request: web.Request) -> web.Response:
         raise SnapshotNotFound(
             f"no snapshot for project {key[0]!r}, work item {key[1]!r}: {found.why_missing}"
         )
-    answer = {"snapshot": snapshot_json(services, found.snapshot)}
+    answer = {"snapshot": snapshot_json(services, found.snapshot), "confirmed": found.confirmed}
     if hold is not None:  # lookup and lease in one step: no eviction can slip in between
         answer["lease"] = lease_json(await services.registry.lease(key, hold))
     return web.json_response(answer)
@@ -265,13 +264,16 @@ async def delete_snapshot(request: web.Request) -> web.Response:
     if snapshot is None:
         raise SnapshotNotFound(f"no snapshot for project {key[0]!r}, work item {key[1]!r}")
     retired = await services.registry.retire([Victim(snapshot, Reason.INVALIDATED)])
+    result, detail = RemovalResult.KEPT, ""  # another entry still holds this tag and image
     if retired:
-        outcomes = await services.evictor.remove(retired)
-        result = outcomes[0].result
-    else:
-        result = RemovalResult.KEPT  # another entry still holds this tag and image
+        outcome = (await services.evictor.remove(retired))[0]
+        result, detail = outcome.result, outcome.detail
     return web.json_response(
-        {"snapshot": snapshot_json(services, snapshot), "result": result.value}
+        {
+            "snapshot": snapshot_json(services, snapshot),
+            "result": result.value,
+            "detail": detail or None,
+        }
     )
 
 
@@ -430,8 +432,8 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return web.Response(status=499)  # nginx's "client closed request", for the metrics
     except DockerUnavailable as error:
         return error_response(DockerUnreachable(f"Docker is not reachable: {error}"))
-    except docker.errors.APIError as error:
-        return error_response(DockerFailed(f"Docker answered with an error: {error}"))
+    except DockerError as error:
+        return error_response(DockerFailed(f"Docker answered with an error: {error.message}"))
     except web.HTTPNotFound:
         return error_response(RouteNotFound(f"no route for {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed as error:
