@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from snapagentd import api, daemon
 
 from .engine import wait_until
 from .faults import SentryReceiver
-from .test_limits import RawClient, error_of, open_raw, unix_connector
+from .test_limits import RawClient, error_of, unix_connector
 
 pytestmark = pytest.mark.usefixtures("clean_engine")
 
@@ -36,6 +37,21 @@ PLACES = daemon.MAX_CONNECTIONS
 BYTE_EVERY = 2.0  # seconds between a trickling client's body bytes
 MARGIN = 3.0  # for a 2-core machine shared with other tests; far below aiohttp's 10 s linger
 DISCONNECTED = "client disconnected before sending its whole body"
+
+
+def connect(path: str | Path, timeout: float = 10.0) -> socket.socket:
+    """A Unix socket connected to `path`, with `timeout` on every step. The connect blocks
+    while the listen backlog is full, bounded by SO_SNDTIMEO: with settimeout() it would be
+    non-blocking underneath, and a full backlog fails it at once (EAGAIN)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout), 0))
+        sock.connect(str(path))
+        sock.settimeout(timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def parse_answer(received: bytes) -> tuple[int | None, str | None]:
@@ -102,12 +118,7 @@ class Tricklers:
         )
         selector = selectors.DefaultSelector()
         for _ in range(self.count):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            # A blocking connect waits for a place in the listen backlog (a timed-out one,
-            # non-blocking underneath, fails at once): SO_SNDTIMEO bounds that wait.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
-            sock.connect(self.socket_path)
-            sock.settimeout(10)
+            sock = connect(self.socket_path)
             with contextlib.suppress(OSError):  # refused: its answer waits to be read
                 sock.sendall(headers)
             client = Trickler(sock, headers_sent=time.monotonic())
@@ -223,7 +234,7 @@ def test_a_newcomer_takes_the_place_of_a_silent_connection_before_its_deadline(
     SHED_AFTER, long before the first-request deadline would free a place, and exactly one
     silent connection was answered 503 to make room for it."""
     assert daemon.FIRST_REQUEST_SECONDS >= SHED_AFTER + 5
-    silent = [open_raw(agent) for _ in range(PLACES)]
+    silent = [connect(agent.socket_path) for _ in range(PLACES)]
     try:
         fresh = RawClient(unix_connector(agent.socket_path), timeout=10)
 
@@ -283,7 +294,7 @@ def test_a_client_that_hangs_up_mid_body_is_one_info_line_and_no_sentry_event(
     agent.write_config()
     agent.start()
     headers, partial = BODIES[framing]
-    sock = open_raw(agent)
+    sock = connect(agent.socket_path)
     try:
         sock.sendall(b"POST /v1/snapshots HTTP/1.1\r\nHost: localhost\r\n" + headers + partial)
     finally:
