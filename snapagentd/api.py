@@ -196,7 +196,7 @@ async def register(request: web.Request) -> web.Response:
     image = image_field(data)
     size = optional_count(data, "size_bytes")
     registration = await services.registry.register(project, work_item, image, size)
-    services.evictor.remove_soon(registration.retired)
+    services.evictor.removals.remove_soon(registration.retired)
     services.evictor.check_disk_soon()  # a new snapshot may have pushed the disk over
     status = 201 if registration.created else 200
     return web.json_response(
@@ -215,7 +215,7 @@ async def lookup(request: web.Request) -> web.Response:
     # Longer than the longest configurable TTL means "never expires" (and stays in range).
     ttl = timedelta(seconds=min(ttl_seconds, MAX_DURATION_SECONDS))
     found = await services.registry.lookup(key, ttl)
-    services.evictor.remove_soon(found.retired)
+    services.evictor.removals.remove_soon(found.retired)
     if found.snapshot is None:
         raise SnapshotNotFound(
             f"no snapshot for project {key[0]!r}, work item {key[1]!r}: {found.why_missing}"
@@ -266,7 +266,7 @@ async def delete_snapshot(request: web.Request) -> web.Response:
     retired = await services.registry.retire([Victim(snapshot, Reason.INVALIDATED)])
     result, detail = RemovalResult.KEPT, ""  # another entry still holds this tag and image
     if retired:
-        outcome = (await services.evictor.remove(retired))[0]
+        outcome = (await services.evictor.removals.remove(retired))[0]
         result, detail = outcome.result, outcome.detail
     return web.json_response(
         {

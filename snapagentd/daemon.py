@@ -114,12 +114,13 @@ def build_app(
             data_root=settings.docker.data_root,
         )
         services = Services(settings, registry, evictor)
-        services.metrics = evictor.metrics = metrics
+        services.metrics = evictor.metrics = evictor.removals.metrics = metrics
         evictor.on_report = lambda report: note_eviction(metrics, report)
         metrics.set_state_reader(lambda: state_gauges(services))
         app[SERVICES] = services
         # One agent per engine, and the journal's image ids this engine's: before any reconcile.
-        evictor.ownership = EngineOwner(state, journal, docker, settings)
+        owner = EngineOwner(state, journal, docker, settings)
+        evictor.ownership = evictor.removals.ownership = owner
         try:
             await evictor.ownership.start()
         except (OwnershipRefused, JournalUnavailable) as error:
