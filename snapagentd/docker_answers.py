@@ -115,6 +115,33 @@ def _size(value: Any) -> int | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Containers:
+    """What the containers say about images: which are in use, and when each was last used."""
+
+    in_use_ids: frozenset[str]
+    last_use_by_id: dict[str, datetime]  # the newest container's creation time, per image
+
+
+def containers_from_rows(rows: list[dict[str, Any]], now: datetime) -> Containers:
+    """`GET /containers/json?all=1`: the in-use set, and each image's newest container."""
+    last_use: dict[str, datetime] = {}
+    for row in rows:
+        image_id, created = row.get("ImageID"), row.get("Created")
+        if not image_id:
+            continue
+        # Docker lists creation in whole seconds, cut down: round up, so that a use is never
+        # placed before the container existed (an LRU tie within that second would otherwise
+        # go against the image just used), nor after now.
+        try:
+            moment = min(datetime.fromtimestamp(int(created) + 1, UTC), now)
+        except (TypeError, ValueError, OverflowError, OSError):
+            moment = EPOCH  # an odd time is no use at all
+        if image_id not in last_use or last_use[image_id] < moment:
+            last_use[image_id] = moment
+    return Containers(frozenset(last_use), last_use)
+
+
 # --- removal answers ---------------------------------------------------------------------------
 
 # Docker's 409 messages, told apart by their words (20.10 to 26, classic and containerd stores).
@@ -152,3 +179,34 @@ def nanosecond_time(seconds: float) -> str:
     read as nanoseconds)."""
     whole = int(seconds)
     return f"{whole}.{round((seconds - whole) * 1e9) % 1_000_000_000:09d}"
+
+
+def with_unexpected(
+    answer: RemovalAnswer, result: RemovalResult, unexpected: list[tuple[str, str]]
+) -> RemovalAnswer:
+    return RemovalAnswer(
+        result, untagged=answer.untagged, deleted=answer.deleted, unexpected=tuple(unexpected)
+    )
+
+
+def merge_answers(image_id: str, answers: list[RemovalAnswer]) -> RemovalAnswer:
+    """One answer for several steps: the first step Docker refused decides the result, else
+    what became of the image; every reference touched is kept."""
+    done = (RemovalResult.REMOVED, RemovalResult.UNTAGGED, RemovalResult.ALREADY_GONE)
+    refused = next((a for a in answers if a.result not in done), None)
+    deleted = [d for a in answers for d in a.deleted]
+    if refused is not None:
+        result = refused.result
+    elif image_id in deleted:
+        result = RemovalResult.REMOVED
+    elif any(a.untagged for a in answers):
+        result = RemovalResult.UNTAGGED
+    else:
+        result = RemovalResult.ALREADY_GONE
+    return RemovalAnswer(
+        result,
+        detail=(refused or answers[-1]).detail,
+        untagged=tuple(r for a in answers for r in a.untagged),
+        deleted=tuple(deleted),
+        unexpected=tuple(u for a in answers for u in a.unexpected),
+    )

@@ -15,7 +15,6 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -25,13 +24,17 @@ import requests.exceptions
 
 from .config import DockerSettings
 from .docker_answers import (
+    Containers,
     ImageInfo,
     RemovalAnswer,
     classify_conflict,
+    containers_from_rows,
     image_from_inspect,
     image_from_listing,
     is_expected_untag,
+    merge_answers,
     nanosecond_time,
+    with_unexpected,
 )
 from .models import RemovalResult
 
@@ -61,14 +64,6 @@ class DockerError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class Containers:
-    """What the containers say about images: which are in use, and when each was last used."""
-
-    in_use_ids: frozenset[str]
-    last_use_by_id: dict[str, datetime]  # the newest container's creation time, per image
 
 
 class DockerGateway:
@@ -189,22 +184,7 @@ class DockerGateway:
     async def containers(self) -> Containers:
         """Every container's image: the in-use set, and each image's latest container."""
         rows = await self._call(lambda api: api.containers(all=True), self.timeouts.list)
-        now = datetime.now(UTC)
-        last_use: dict[str, datetime] = {}
-        for row in rows:
-            image_id, created = row.get("ImageID"), row.get("Created")
-            if not image_id:
-                continue
-            # Docker lists creation in whole seconds, cut down: round up, so that a use is
-            # never placed before the container existed (an LRU tie within that second would
-            # otherwise go against the image just used), nor after now.
-            try:
-                moment = min(datetime.fromtimestamp(int(created) + 1, UTC), now)
-            except (TypeError, ValueError, OverflowError, OSError):
-                moment = datetime.fromtimestamp(0, UTC)  # an odd time is no use at all
-            if image_id not in last_use or last_use[image_id] < moment:
-                last_use[image_id] = moment
-        return Containers(frozenset(last_use), last_use)
+        return containers_from_rows(rows, datetime.now(UTC))
 
     async def data_root(self) -> str:
         """Docker's data root (DockerRootDir), the directory whose filesystem fills up."""
@@ -288,10 +268,10 @@ def _remove_image(api: docker.APIClient, image_id: str, ours: frozenset[str]) ->
         result = RemovalResult.ALREADY_GONE if ours else RemovalResult.KEPT
         return RemovalAnswer(result, detail=f"held by {others[0]}")
     if others:
-        return _merge(image_id, [_untag(api, tag, image_id) for tag in here])
+        return merge_answers(image_id, [_untag(api, tag, image_id) for tag in here])
     # Several tags of ours: all but one come off by name; the last goes with the id.
     taken = [_untag(api, tag, image_id) for tag in here[1:]]
-    return _merge(image_id, [*taken, _delete_id(api, image_id, frozenset(here[:1]))])
+    return merge_answers(image_id, [*taken, _delete_id(api, image_id, frozenset(here[:1]))])
 
 
 def _untag(api: docker.APIClient, tag: str, image_id: str) -> RemovalAnswer:
@@ -314,10 +294,10 @@ def _untag(api: docker.APIClient, tag: str, image_id: str) -> RemovalAnswer:
         return answer  # refused or gone: nothing was touched
     deleted = answer.deleted
     if deleted and deleted[0] != image_id:
-        return _with_unexpected(answer, RemovalResult.UNTAGGED, [(tag, deleted[0])])
+        return with_unexpected(answer, RemovalResult.UNTAGGED, [(tag, deleted[0])])
     moved_to = _moved_during(api, tag, image_id, started)
     if moved_to is not None:
-        return _with_unexpected(answer, RemovalResult.UNTAGGED, [(tag, moved_to)])
+        return with_unexpected(answer, RemovalResult.UNTAGGED, [(tag, moved_to)])
     result = RemovalResult.REMOVED if image_id in deleted else RemovalResult.UNTAGGED
     return RemovalAnswer(result, untagged=answer.untagged, deleted=deleted)
 
@@ -334,7 +314,7 @@ def _delete_id(api: docker.APIClient, image_id: str, expected: frozenset[str]) -
     ]
     result = RemovalResult.REMOVED if image_id in answer.deleted else RemovalResult.UNTAGGED
     if unexpected:
-        return _with_unexpected(answer, result, unexpected)
+        return with_unexpected(answer, result, unexpected)
     return RemovalAnswer(result, untagged=answer.untagged, deleted=answer.deleted)
 
 
@@ -387,37 +367,6 @@ def _tags_of(api: docker.APIClient, image_id: str) -> list[str] | None:
     except docker.errors.NotFound:
         return None
     return [tag for tag in tags if tag != "<none>:<none>"]
-
-
-def _with_unexpected(
-    answer: RemovalAnswer, result: RemovalResult, unexpected: list[tuple[str, str]]
-) -> RemovalAnswer:
-    return RemovalAnswer(
-        result, untagged=answer.untagged, deleted=answer.deleted, unexpected=tuple(unexpected)
-    )
-
-
-def _merge(image_id: str, answers: list[RemovalAnswer]) -> RemovalAnswer:
-    """One answer for several steps: the first step Docker refused decides the result, else
-    what became of the image; every reference touched is kept."""
-    done = (RemovalResult.REMOVED, RemovalResult.UNTAGGED, RemovalResult.ALREADY_GONE)
-    refused = next((a for a in answers if a.result not in done), None)
-    deleted = [d for a in answers for d in a.deleted]
-    if refused is not None:
-        result = refused.result
-    elif image_id in deleted:
-        result = RemovalResult.REMOVED
-    elif any(a.untagged for a in answers):
-        result = RemovalResult.UNTAGGED
-    else:
-        result = RemovalResult.ALREADY_GONE
-    return RemovalAnswer(
-        result,
-        detail=(refused or answers[-1]).detail,
-        untagged=tuple(r for a in answers for r in a.untagged),
-        deleted=tuple(deleted),
-        unexpected=tuple(u for a in answers for u in a.unexpected),
-    )
 
 
 def _explain(error: docker.errors.APIError) -> str:
