@@ -67,14 +67,14 @@ export type Snapshot = {
 };
 
 /**
- * Outcome of one image removal. `removed`: Docker removed it. `in-use`: a container uses it; not removed, retried later. `already-gone`: Docker no longer had it. `failed`: any other failure (including Docker unreachable); retried later. `kept`: another entry still holds the same tag and image, so the image stays (DELETE only). `leased`: a lease protects the image; not asked of Docker, retried once the lease has ended.
+ * Outcome of one image removal. `removed`: Docker deleted the image; its bytes are free. `untagged`: only the agent's tag came off; other references keep the image and its bytes, so it frees nothing. `in-use`: a container (running or stopped) uses the image; not removed, retried later. `has-children`: Docker refused, images were committed or built on it; retried later. `referenced`: Docker refused, the image gained a reference since the agent looked; looked at again by the next run. `already-gone`: Docker no longer had it, or the agent's tag had left it. `failed`: any other failure (including Docker unreachable); retried later. `kept`: another entry still holds the same tag and image, so the image stays; only this entry went. `leased`: a lease protects the image; not asked of Docker, retried once the lease has ended. `removed`, `untagged` and `already-gone` confirm the removal (the agent forgets the image); the others leave it pending. Only `removed` counts in reclaimed bytes.
  */
-export type RemovalResult = "removed" | "in-use" | "already-gone" | "failed" | "kept" | "leased";
+export type RemovalResult = "removed" | "untagged" | "in-use" | "has-children" | "referenced" | "already-gone" | "failed" | "kept" | "leased";
 
 /**
- * As `RemovalResult`. In a dry run: `planned` (it would be removed now), or, for a removal already pending, `leased` or `in-use` when that is what holds it back.
+ * A real run: as `RemovalResult`; `kept` there means the key was registered again with this image before Docker was asked, or a leaked image gained a tag meanwhile (it is someone's again): left alone. In a dry run: `planned` (it would be removed now), or, for a removal already pending, `leased` or `in-use` when that is what holds it back.
  */
-export type EvictionResult = "removed" | "in-use" | "already-gone" | "failed" | "leased" | "planned";
+export type EvictionResult = "removed" | "untagged" | "in-use" | "has-children" | "referenced" | "already-gone" | "failed" | "kept" | "leased" | "planned";
 
 /**
  * `ttl`: older than the TTL (its project's, or the global one). `count`: more than `max_count` snapshots. `size`: total size above `max_size_bytes`. `disk`: the file system of Docker's data root is above the high watermark. `superseded`: another image was registered for the same key, or its tag was re-committed to a newly registered image. `invalidated`: removed with DELETE /v1/snapshots. `repointed`: its tag now names another image, so the recorded image is dangling. `leaked`: a dangling image an entry once referenced, or one carrying the configured `docker.dangling_label` (real runs only).
@@ -82,11 +82,15 @@ export type EvictionResult = "removed" | "in-use" | "already-gone" | "failed" | 
 export type EvictionReason = "ttl" | "count" | "size" | "disk" | "superseded" | "invalidated" | "repointed" | "leaked";
 
 /**
- * A snapshot entry an eviction chose (or would choose), with the reason and the outcome of its removal (and, like every entry, its `unique_bytes`). Dry-run items also carry `age_seconds` and `idle_seconds`; a real run's outcomes do not.
+ * A snapshot entry an eviction chose (or would choose), with the reason and the outcome of its removal (and, like every entry, its `unique_bytes`). Dry-run items also carry `age_seconds` and `idle_seconds`; a real run's outcomes carry `detail` instead.
  */
 export type EvictedSnapshot = Snapshot & {
   reason: EvictionReason;
   result: EvictionResult;
+  /**
+   * A real run's outcomes only (always there; `null` when there is nothing to add): what Docker's refusal said (`running container 1d0b2ff5c018`, `stopped container 1d0b2ff5c018`, `dependent child images`, `referenced in multiple repositories`), why the removal failed (Docker's error, `Docker is not reachable: ...`), or what holds an image the agent left alone (`held by <reference>`). Never in a dry run. Older agents do not send it.
+   */
+  detail?: string | null;
   /**
    * Seconds since `created_at` (dry run only).
    */
@@ -100,7 +104,7 @@ export type EvictedSnapshot = Snapshot & {
 /**
  * Stable machine-readable code. Branch on this, never on `message`.
  */
-export type ErrorCode = "invalid-json" | "invalid-field" | "image-not-managed" | "access-denied" | "image-not-found" | "snapshot-not-found" | "lease-not-found" | "not-found" | "method-not-allowed" | "body-too-large" | "docker-error" | "docker-unavailable" | "journal-unavailable" | "too-many-connections" | "internal-error";
+export type ErrorCode = "invalid-json" | "invalid-field" | "image-not-managed" | "access-denied" | "image-not-found" | "snapshot-not-found" | "lease-not-found" | "not-found" | "method-not-allowed" | "body-timeout" | "body-too-large" | "docker-error" | "docker-unavailable" | "journal-unavailable" | "too-many-connections" | "internal-error";
 
 export type Error = {
   error: {
@@ -165,6 +169,10 @@ export type SnapshotList = {
 export type DeleteResponse = {
   snapshot: Snapshot;
   result: RemovalResult;
+  /**
+   * What Docker's refusal said (`running container 1d0b2ff5c018`, `stopped container 1d0b2ff5c018`, `dependent child images`, `referenced in multiple repositories`), why the removal failed (Docker's error, `Docker is not reachable: ...`), or what holds an image the agent left alone (`held by <reference>`); `null` when there is nothing to add. Older agents do not send it: read a missing one as `null`.
+   */
+  detail: string | null;
 };
 
 /**
@@ -235,21 +243,53 @@ export type LastEviction = {
   started_at: Timestamp;
   finished_at: Timestamp;
   /**
-   * `start`: daemon start-up. `timer`: the periodic timer. `api`: POST /v1/evict. `docker-returned`: Docker became reachable again. `disk`: the disk was found above the high watermark.
+   * `start`: daemon start-up. `timer`: the periodic timer. `api`: POST /v1/evict. `docker-returned`: Docker became reachable again after a run failed. `events-reconnected`: Docker's event stream was opened again (events may have been lost). `disk`: the disk was found above the high watermark. `sizes-measured`: the first measurement of layer sizes after start-up found work for the size or disk rules.
    */
-  trigger: "start" | "timer" | "api" | "docker-returned" | "disk";
+  trigger: "start" | "timer" | "api" | "docker-returned" | "events-reconnected" | "disk" | "sizes-measured";
+  /**
+   * Images Docker deleted (their bytes are free).
+   */
   removed: number;
+  /**
+   * Removals a container held back; retried.
+   */
   in_use: number;
+  /**
+   * Images Docker no longer had.
+   */
   already_gone: number;
+  /**
+   * Removals that failed otherwise; retried.
+   */
   failed: number;
   /**
    * Removals held back by a lease.
    */
   leased: number;
   /**
-   * Unique bytes of the images the run removed (those it had measured).
+   * Removals that only took the agent's tag off: other references keep the image and its bytes (nothing freed).
+   */
+  untagged: number;
+  /**
+   * Removals Docker refused: images were committed or built on the image; retried.
+   */
+  has_children: number;
+  /**
+   * Removals Docker refused: the image gained a reference since the agent looked; looked at again by the next run.
+   */
+  referenced: number;
+  /**
+   * References Docker removed that the agent had not chosen: a tag that moved in the moment between the agent's look and its DELETE (docs/operations.md, Safety). Each is also an ERROR in the log and counted by `snapagentd_wrong_removals_total`. Should stay 0.
+   */
+  wrong_removals: number;
+  /**
+   * Unique bytes of the images the run removed (those it had measured); `untagged` ones free nothing.
    */
   reclaimed_bytes: number;
+  /**
+   * Images of the run's listing whose creation time Docker gave unusably (unparseable, out of range, at or before 1970) or in the future. They never stop a run; a snapshot among them ages from when the agent first saw it.
+   */
+  odd_images: number;
   /**
    * Why the run could not complete (for example Docker unreachable); `null` if it completed.
    */
@@ -325,7 +365,7 @@ export type Status = {
 };
 
 /**
- * Why a snapshot a rule wanted was left alone. `in-use`: a container (running or stopped) uses its image. `leased`: a lease protects its image. `min-age`: younger than `min_age_seconds` (protects from count, size and disk, never from the TTL).
+ * Why a snapshot a rule wanted was left alone. `in-use`: a container (running or stopped) uses its image. `leased`: a lease protects its image. `min-age`: younger than `min_age_seconds` (protects from count, size and disk, never from the TTL). `shared` (size and disk only): its image is also held by a snapshot the rule may not take (a protected one, or one another pool keeps), so removing it would free nothing.
  */
 export type Protection = "in-use" | "leased" | "min-age" | "shared";
 
@@ -387,10 +427,14 @@ export type ReleaseResponse = {
 };
 
 /**
- * `lease` is there when the request had `lease_seconds`.
+ * `lease` is there when the request had `lease_seconds`; `confirmed` says whether Docker confirmed the entry's image or the agent answered from its registry.
  */
 export type LookupResponse = {
   snapshot: Snapshot;
+  /**
+   * `true`: Docker confirmed that the tag names the entry's image, at this lookup or earlier with no image event since that could contradict it. `false`: Docker did not answer within `[docker] lookup_timeout` (default 500 ms), or cannot be reached, and the agent answered from its registry, unchecked (the TTL still applied). Older agents do not send it.
+   */
+  confirmed: boolean;
   lease?: Lease;
 };
 
