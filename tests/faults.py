@@ -2,8 +2,8 @@
 
 `FaultyDockerProxy` forwards every request to a real dockerd over its Unix socket, except image
 deletions while `fail_removals` is set, which it answers with a 500 as a broken engine would,
-and image inspections while `slow_inspect` is set, which it holds for that many seconds (a slow
-engine). `hold_removals()` holds every image DELETE until `release_removals()`: it widens the
+and inspections of `slow_image` while `slow_inspect` is set, which it holds for that many
+seconds (a slow engine; only that image's, so the agent's own listings and timers never trip it). `hold_removals()` holds every image DELETE until `release_removals()`: it widens the
 window between the agent's last look at an image and its DELETE (which on a real engine lasts
 milliseconds) so that a test can change the engine inside it, deterministically.
 `SentryReceiver` is a loopback HTTP server that accepts Sentry's envelopes and keeps them.
@@ -70,6 +70,7 @@ class FaultyDockerProxy(_LoopThread):
         self.fail_removals = False
         self.failed_removals = 0
         self.slow_inspect = 0.0
+        self.slow_image = ""  # the reference whose GET /images/<reference>/json is held
         self.held_inspections = 0
         self.held_removals = 0  # DELETEs held so far (they wait for release_removals())
         self._removal_gate: asyncio.Event | None = None
@@ -101,7 +102,11 @@ class FaultyDockerProxy(_LoopThread):
         if self.fail_removals and request.method == "DELETE" and "/images/" in request.path:
             self.failed_removals += 1
             return web.json_response({"message": "injected fault: driver failed"}, status=500)
-        if self.slow_inspect and request.method == "GET" and request.path.endswith("/json"):
+        if (
+            self.slow_inspect
+            and request.method == "GET"
+            and request.path.endswith(f"/images/{self.slow_image}/json")
+        ):
             self.held_inspections += 1
             await asyncio.sleep(self.slow_inspect)  # the injected fault: a slow engine
         connector = aiohttp.UnixConnector(path=self.docker_socket)

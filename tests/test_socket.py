@@ -77,6 +77,7 @@ def test_sigterm_lets_in_flight_requests_finish(make_agent, docker_engine, short
     try:
         make_image(docker_engine.client(), "cascade-snapshot-slow:latest")
         agent = make_agent(docker_url=proxy.url)
+        proxy.slow_image = "cascade-snapshot-slow:latest"
         proxy.slow_inspect = 2.0
         answers: list[tuple[int, object]] = []
         body = {"project": "p", "work_item": "w", "image": "cascade-snapshot-slow:latest"}
