@@ -50,6 +50,7 @@ __all__ = [
     "AccessDeniedError",
     "AgentUnreachable",
     "AsyncClient",
+    "BodyTimeoutError",
     "BodyTooLargeError",
     "Client",
     "ClientError",
@@ -115,18 +116,43 @@ def snapshot_tag(project: str, work_item: str, prefix: str = DEFAULT_PREFIX) -> 
 # --- results ----------------------------------------------------------------------------------
 
 Source = Literal["registered", "discovered"]
-RemovalResult = Literal["removed", "in-use", "already-gone", "failed", "kept", "leased"]
-EvictionResult = Literal["removed", "in-use", "already-gone", "failed", "leased", "planned"]
+RemovalResult = Literal[
+    "removed",  # Docker deleted the image: its bytes are free
+    "untagged",  # only our tag came off: other references keep the image (frees nothing)
+    "in-use",  # a container uses it: retried
+    "has-children",  # images were committed or built on it: retried
+    "referenced",  # it gained a reference since the agent looked: looked at again
+    "already-gone",
+    "failed",  # retried
+    "kept",  # another entry holds it (DELETE), or it is someone's again (a run)
+    "leased",  # a lease holds it back: retried once the lease ends
+]
+EvictionResult = Literal[
+    "removed",
+    "untagged",
+    "in-use",
+    "has-children",
+    "referenced",
+    "already-gone",
+    "failed",
+    "kept",
+    "leased",
+    "planned",  # a dry run's: it would be removed now
+]
 EvictionReason = Literal[
     "ttl", "count", "size", "disk", "superseded", "invalidated", "repointed", "leaked"
 ]
 Protection = Literal["in-use", "leased", "min-age", "shared"]
-Trigger = Literal["start", "timer", "api", "docker-returned", "disk"]
+Trigger = Literal[
+    "start", "timer", "api", "docker-returned", "events-reconnected", "disk", "sizes-measured"
+]
 SizeAccounting = Literal["unique", "virtual"]
 
 # Field metadata: `to_json` leaves the field out while it is None, for fields only some answers
 # carry (a dry run's explanation, a lookup's lease), so the JSON is the answer as it was sent.
 _SENT_ONLY_SOMETIMES = {"omit_if_none": True}
+# A real run's outcomes carry the field (null included); a dry run's items never do.
+_REAL_RUN_ONLY = {"omit_if_none_in_dry_run": True}
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,18 +188,27 @@ class Snapshot:
 @dataclass(frozen=True, slots=True)
 class FoundSnapshot(Snapshot):
     """What `lookup` found: the entry, now marked used, and the lease taken with it when the
-    call gave `lease_seconds` (else None)."""
+    call gave `lease_seconds` (else None).
+
+    `confirmed` is False when Docker did not answer within the agent's `lookup_timeout` (or
+    cannot be reached) and the agent answered from its registry, unchecked: the image may be
+    gone, so treat a failure to use it as a miss. None from an agent too old to say."""
 
     lease: Lease | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
+    confirmed: bool | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
 
 
 @dataclass(frozen=True, slots=True)
 class EvictedSnapshot(Snapshot):
     """An entry an eviction run chose, why, and what became of its image. In a dry run also
-    its age and idle time in seconds (None in a real run's outcomes)."""
+    its age and idle time in seconds (None in a real run's outcomes). In a real run's outcomes
+    `detail`: what Docker's refusal said ("running container 1d0b2ff5c018", "dependent child
+    images", ...) or why the removal failed; None when there is nothing to add, in a dry run,
+    and from older agents."""
 
     reason: EvictionReason
     result: EvictionResult
+    detail: str | None = field(default=None, kw_only=True, metadata=_REAL_RUN_ONLY)
     age_seconds: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
     idle_seconds: int | None = field(default=None, kw_only=True, metadata=_SENT_ONLY_SOMETIMES)
 
@@ -198,10 +233,13 @@ class Registration:
 
 @dataclass(frozen=True, slots=True)
 class Deletion:
-    """The answer to `delete`: the invalidated entry and the outcome of removing its image."""
+    """The answer to `delete`: the invalidated entry and the outcome of removing its image, with
+    `detail`: what Docker's refusal said ("running container 1d0b2ff5c018") or why the removal
+    failed (None when there is nothing to add, and from older agents)."""
 
     snapshot: Snapshot
     result: RemovalResult
+    detail: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +341,13 @@ class LastEviction:
     error: str | None
     leased: int | None = field(default=None, kw_only=True)  # removals a lease held back
     reclaimed_bytes: int | None = field(default=None, kw_only=True)  # unique bytes removed
+    # None from agents older than these counts:
+    untagged: int | None = field(default=None, kw_only=True)  # only our tag came off
+    has_children: int | None = field(default=None, kw_only=True)  # Docker refused: children
+    referenced: int | None = field(default=None, kw_only=True)  # Docker refused: a new reference
+    # References Docker removed that the agent had not chosen (docs/operations.md, Safety).
+    wrong_removals: int | None = field(default=None, kw_only=True)
+    odd_images: int | None = field(default=None, kw_only=True)  # unusable or future Created
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,18 +385,28 @@ def format_time(moment: datetime) -> str:
 
 def to_json(value: Any) -> Any:
     """The wire JSON form of a result (or a list of them), e.g. to log or cache it. A field an
-    older agent did not send comes out as null; a `FoundSnapshot`'s `lease` comes out inside
-    the entry (the answer has it beside the entry)."""
+    older agent did not send comes out as null; a `FoundSnapshot`'s `lease` and `confirmed`
+    come out inside the entry (the answer has them beside the entry)."""
+    return _wire(value, dry_run=False)
+
+
+def _wire(value: Any, dry_run: bool) -> Any:
+    """`to_json`; `dry_run`: inside a dry run's `Eviction`, whose items carry no `detail`."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: to_json(getattr(value, f.name))
-            for f in fields(value)
-            if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)
-        }
+        dry_run = value.dry_run if isinstance(value, Eviction) else dry_run
+        wire = {}
+        for f in fields(value):
+            item = getattr(value, f.name)
+            omit = f.metadata.get("omit_if_none") or (
+                dry_run and f.metadata.get("omit_if_none_in_dry_run")
+            )
+            if not (item is None and omit):
+                wire[f.name] = _wire(item, dry_run)
+        return wire
     if isinstance(value, list):
-        return [to_json(item) for item in value]
+        return [_wire(item, dry_run) for item in value]
     if isinstance(value, dict):
-        return {key: to_json(item) for key, item in value.items()}
+        return {key: _wire(item, dry_run) for key, item in value.items()}
     if isinstance(value, datetime):
         return format_time(value)
     return value
@@ -445,6 +500,13 @@ class NotFoundError(SnapagentdError):
 
 class MethodNotAllowedError(SnapagentdError):
     code, status = "method-not-allowed", 405
+
+
+class BodyTimeoutError(SnapagentdError):
+    """The request's body did not arrive within 10 s of its headers; the agent closed the
+    connection. Send the body with the headers, at once."""
+
+    code, status = "body-timeout", 408
 
 
 class BodyTooLargeError(SnapagentdError):
@@ -692,6 +754,7 @@ def _found(data: dict[str, Any]) -> FoundSnapshot:
     return FoundSnapshot(
         **_snapshot_fields(data.get("snapshot")),
         lease=None if lease is None else _lease(lease),
+        confirmed=_optional(data, "confirmed", "bool"),
     )
 
 
@@ -700,6 +763,7 @@ def _evicted(data: Any) -> EvictedSnapshot:
         **_snapshot_fields(data),
         reason=_get(data, "reason", "str"),
         result=_get(data, "result", "str"),
+        detail=_optional(data, "detail", "str"),
         age_seconds=_get(data, "age_seconds", "int", nullable=True, default=None),
         idle_seconds=_get(data, "idle_seconds", "int", nullable=True, default=None),
     )
@@ -727,7 +791,11 @@ def _registration(status: int, data: dict[str, Any]) -> Registration:
 
 
 def _deletion(data: dict[str, Any]) -> Deletion:
-    return Deletion(_snapshot(data.get("snapshot")), _get(data, "result", "str"))
+    return Deletion(
+        _snapshot(data.get("snapshot")),
+        _get(data, "result", "str"),
+        detail=_optional(data, "detail", "str"),
+    )
 
 
 def _eviction(data: dict[str, Any]) -> Eviction:
@@ -827,6 +895,11 @@ def _status(data: dict[str, Any]) -> Status:
             error=_get(last, "error", "str", nullable=True),
             leased=_optional(last, "leased", "int"),
             reclaimed_bytes=_optional(last, "reclaimed_bytes", "int"),
+            untagged=_optional(last, "untagged", "int"),
+            has_children=_optional(last, "has_children", "int"),
+            referenced=_optional(last, "referenced", "int"),
+            wrong_removals=_optional(last, "wrong_removals", "int"),
+            odd_images=_optional(last, "odd_images", "int"),
         ),
         journal=JournalStatus(_get(journal, "path", "str"), _get(journal, "records", "int")),
         disk=_disk(_get(data, "disk", "object", nullable=True, default=None)),

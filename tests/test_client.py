@@ -230,6 +230,7 @@ def test_the_retry_bridges_an_agent_restart(make_agent, clean_engine) -> None:
         ("500 Internal Server Error", "internal-error", sac.InternalError),
         ("403 Forbidden", "access-denied", sac.AccessDeniedError),
         ("503 Service Unavailable", "too-many-connections", sac.TooManyConnectionsError),
+        ("408 Request Timeout", "body-timeout", sac.BodyTimeoutError),
     ],
 )
 def test_codes_a_healthy_agent_does_not_send_here_raise_their_classes(canned, status, code, cls):
@@ -353,9 +354,11 @@ def test_an_older_agents_answers_read_with_the_new_fields_as_none(canned) -> Non
     )
     assert read.policy.limits_for("p") == sac.Limits(60, 5, 100)
     assert (read.last_eviction.leased, read.last_eviction.reclaimed_bytes) == (None, None)
+    assert (read.last_eviction.untagged, read.last_eviction.wrong_removals) == (None, None)
     lookup = canned(http_answer("200 OK", json.dumps({"snapshot": OLD_ENTRY}).encode()))
     found = sac.Client(lookup.path).lookup("p", "w", lease_seconds=30)
     assert found is not None and found.unique_bytes is None and found.lease is None
+    assert found.confirmed is None
     eviction = {"dry_run": True, "evicted": [{**OLD_ENTRY, "reason": "ttl", "result": "planned"}]}
     dry = sac.Client(canned(http_answer("200 OK", json.dumps(eviction).encode())).path)
     explained = dry.evict(dry_run=True)
@@ -386,6 +389,39 @@ def test_a_newer_agents_unknown_fields_are_ignored(canned) -> None:
     assert found.lease == sac.Lease(
         "l1", "p", "w", OLD_ENTRY["image_id"], datetime(2024, 5, 1, 12, 5, tzinfo=UTC)
     )
+
+
+def test_detail_and_confirmed_are_read_and_written_back_as_sent(canned) -> None:
+    """A DELETE answer's and a real run's `detail` (null included) and a lookup's `confirmed`
+    round-trip through to_json; a dry run's items, which carry no `detail`, stay without."""
+    entry = {**OLD_ENTRY, "unique_bytes": None}
+    refused = {"snapshot": entry, "result": "in-use", "detail": "running container 1d0b2ff5c018"}
+    deletion = sac.Client(canned(http_answer("200 OK", json.dumps(refused).encode())).path)
+    assert deletion.delete("p", "w").detail == "running container 1d0b2ff5c018"
+    assert sac.to_json(deletion.delete("p", "w")) == refused
+    outcomes = [
+        {**entry, "reason": "ttl", "result": "untagged", "detail": None},
+        {**entry, "reason": "count", "result": "has-children", "detail": "dependent child images"},
+    ]
+    run = {"dry_run": False, "evicted": outcomes}
+    ran = sac.Client(canned(http_answer("200 OK", json.dumps(run).encode())).path).evict()
+    assert [item.detail for item in ran.evicted] == [None, "dependent child images"]
+    assert sac.to_json(ran) == run
+    plan = {
+        "dry_run": True,
+        "evicted": [
+            {**entry, "age_seconds": 5, "idle_seconds": 5, "reason": "ttl", "result": "planned"}
+        ],
+        "skipped": [],
+        "disk_bytes_to_free": 0,
+    }
+    dry = sac.Client(canned(http_answer("200 OK", json.dumps(plan).encode())).path)
+    assert sac.to_json(dry.evict(dry_run=True)) == plan
+    unconfirmed = {"snapshot": entry, "confirmed": False}
+    lookup = sac.Client(canned(http_answer("200 OK", json.dumps(unconfirmed).encode())).path)
+    found = lookup.lookup("p", "w")
+    assert found is not None and found.confirmed is False
+    assert sac.to_json(found) == {**entry, "confirmed": False}
 
 
 def test_a_release_answer_that_does_not_say_released_is_a_protocol_error(canned) -> None:
