@@ -38,6 +38,7 @@ CODES_ONLY_A_STAND_IN_SENDS = (
     "internal-error",
     "access-denied",
     "too-many-connections",
+    "body-timeout",  # a body that does not arrive within 10 s
 )
 OPERATIONS = ("register", "lookup", "lease", "release", "list", "delete", "evict", "status")
 # The typed methods' parameter names, where they are not the request's own field names.
@@ -291,7 +292,12 @@ def wire_answer(operation: str | None, result: Any) -> Any:
     if operation == "lookup":
         snapshot = sac.to_json(result)
         lease = snapshot.pop("lease", None)  # a FoundSnapshot holds the lease taken with it
-        return {"snapshot": snapshot} | ({} if lease is None else {"lease": lease})
+        confirmed = snapshot.pop("confirmed", None)  # and whether Docker confirmed it
+        return (
+            {"snapshot": snapshot}
+            | ({} if confirmed is None else {"confirmed": confirmed})
+            | ({} if lease is None else {"lease": lease})
+        )
     if operation == "lease":
         return {"lease": sac.to_json(result)}
     if operation == "release":
