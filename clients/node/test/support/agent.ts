@@ -5,6 +5,7 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync }
 import { join } from "node:path";
 
 import { SnapagentdClient } from "../../src/index.js";
+import { removeMarkers } from "./docker.js";
 import { REPO, agentPython, dockerHost } from "./paths.js";
 
 /**
@@ -89,13 +90,39 @@ export class Agent {
     }
   }
 
-  /** SIGTERM, then wait for the exit; `keep` leaves the directory for a restart. */
+  /**
+   * SIGTERM, then wait for the exit; `keep` leaves the directory (and the agent's ownership
+   * marker in the engine) for a restart. Otherwise the marker goes too, as tests/agent.py's
+   * agents take theirs with them.
+   */
   async stop(keep = false): Promise<void> {
     if (this.process.exitCode === null && this.process.signalCode === null) {
       this.process.kill("SIGTERM");
       await this.exited;
     }
-    if (!keep) rmSync(this.directory, { recursive: true, force: true });
+    if (keep) return;
+    const instance = this.instanceId();
+    if (instance !== null) await removeMarkers(`snapagentd-owner-${instance}`).catch(() => undefined);
+    rmSync(this.directory, { recursive: true, force: true });
+  }
+
+  /** The agent's instance id, from its journal's `instance` record (null before it made one). */
+  instanceId(): string | null {
+    let journal = "";
+    try {
+      journal = readFileSync(join(this.directory, "state", "journal.jsonl"), "utf8");
+    } catch {
+      return null;
+    }
+    for (const line of journal.split("\n")) {
+      try {
+        const record = JSON.parse(line) as { op?: unknown; id?: unknown };
+        if (record.op === "instance" && typeof record.id === "string") return record.id;
+      } catch {
+        // a torn last line: not the instance record
+      }
+    }
+    return null;
   }
 
   /** Stops this process and starts a new one on the same socket and journal, as systemd would

@@ -78,7 +78,24 @@ export async function imageId(reference: string): Promise<string | null> {
   return (JSON.parse(found.body) as { Id: string }).Id;
 }
 
-/** Remove every container, every test tag and every dangling image. */
+/**
+ * Remove ownership markers (snapagentd/ownership.py): `name`'s, else every agent's (the volumes
+ * labelled `snapagentd.instance`), as tests/engine.py does. A test agent's marker left behind
+ * would make the next test's agent, with a journal of its own, refuse to start.
+ */
+export async function removeMarkers(name?: string): Promise<void> {
+  let names = name === undefined ? [] : [name];
+  if (name === undefined) {
+    const filters = encodeURIComponent(JSON.stringify({ label: ["snapagentd.instance"] }));
+    const listed = JSON.parse((await docker("GET", `/volumes?filters=${filters}`)).body) as {
+      Volumes?: { Name: string }[] | null;
+    };
+    names = (listed.Volumes ?? []).map((volume) => volume.Name);
+  }
+  for (const volume of names) await docker("DELETE", `/volumes/${encodeURIComponent(volume)}`);
+}
+
+/** Remove every container, every test tag, every dangling image and every agent's marker. */
 export async function cleanEngine(): Promise<void> {
   const containers = JSON.parse((await docker("GET", "/containers/json?all=1")).body) as { Id: string }[];
   for (const { Id } of containers) await docker("DELETE", `/containers/${Id}?force=1`);
@@ -89,4 +106,5 @@ export async function cleanEngine(): Promise<void> {
     }
   }
   await docker("POST", `/images/prune?filters=${encodeURIComponent('{"dangling":["true"]}')}`);
+  await removeMarkers();
 }
