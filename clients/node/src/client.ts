@@ -48,11 +48,13 @@ export interface Registration {
 }
 
 /**
- * What `lookup` found: the entry, now marked used, and `lease`, the lease taken with it when the
- * request had `lease_seconds` (absent otherwise). The answer has the lease beside the entry; the
- * client puts it on the entry, so that a lookup still resolves to a `Snapshot`.
+ * What `lookup` found: the entry, now marked used; `lease`, the lease taken with it when the
+ * request had `lease_seconds` (absent otherwise); and `confirmed`, false when Docker did not
+ * answer within the agent's `lookup_timeout` (or cannot be reached) and the agent answered from
+ * its registry, unchecked (absent from agents too old to say). The answer has both beside the
+ * entry; the client puts them on the entry, so that a lookup still resolves to a `Snapshot`.
  */
-export type FoundSnapshot = Snapshot & { lease?: Lease };
+export type FoundSnapshot = Snapshot & { lease?: Lease; confirmed?: boolean };
 
 /** The key of an entry: (project, work item). */
 export interface SnapshotKey {
@@ -106,9 +108,10 @@ export class SnapagentdClient {
   async lookup(request: LookupRequest): Promise<FoundSnapshot | null> {
     try {
       const { data } = await this.call("POST", "/v1/snapshots/lookup", { json: request });
-      const snapshot = objectField(data, "snapshot") as Snapshot;
-      if (data.lease === undefined || data.lease === null) return snapshot;
-      return { ...snapshot, lease: objectField(data, "lease") as Lease };
+      const found: FoundSnapshot = { ...(objectField(data, "snapshot") as Snapshot) };
+      if (typeof data.confirmed === "boolean") found.confirmed = data.confirmed;
+      if (data.lease !== undefined && data.lease !== null) found.lease = objectField(data, "lease") as Lease;
+      return found;
     } catch (error) {
       if (error instanceof SnapshotNotFoundError) return null;
       throw error;
@@ -143,8 +146,10 @@ export class SnapagentdClient {
   }
 
   /**
-   * Invalidate the key's entry and try to remove its image now. Throws SnapshotNotFoundError
-   * when there is no entry (the caller may treat that as done).
+   * Invalidate the key's entry and try to remove its image now: `result`, and `detail` (what
+   * Docker's refusal said, or why the removal failed; null when there is nothing to add, absent
+   * from older agents). Throws SnapshotNotFoundError when there is no entry (the caller may
+   * treat that as done).
    */
   async delete(key: SnapshotKey): Promise<DeleteResponse> {
     const query = { project: key.project, work_item: key.work_item };
@@ -154,8 +159,8 @@ export class SnapagentdClient {
   }
 
   /**
-   * Run an eviction now and return what it removed, in no set order. With `dry_run`, explain
-   * one instead: what would go, in eviction order, then `skipped` (what a rule wanted but a
+   * Run an eviction now and return what it removed, in no set order, each outcome with its
+   * `detail` (what Docker's refusal said, or null). With `dry_run`, explain one instead: what would go, in eviction order, then `skipped` (what a rule wanted but a
    * protection kept) and `disk_bytes_to_free`; nothing is removed.
    */
   async evict(request: EvictRequest = {}): Promise<EvictResponse> {

@@ -76,6 +76,7 @@ export const SnapshotNotFoundError = errorClass("SnapshotNotFoundError", 404);
 export const LeaseNotFoundError = errorClass("LeaseNotFoundError", 404);
 export const NotFoundError = errorClass("NotFoundError", 404);
 export const MethodNotAllowedError = errorClass("MethodNotAllowedError", 405);
+export const BodyTimeoutError = errorClass("BodyTimeoutError", 408);
 export const BodyTooLargeError = errorClass("BodyTooLargeError", 413);
 export const DockerError = errorClass("DockerError", 502);
 export const DockerUnavailableError = errorClass("DockerUnavailableError", 503);
@@ -94,6 +95,7 @@ export const ERRORS: Readonly<Record<ErrorCode, ErrorClass>> = {
   "lease-not-found": LeaseNotFoundError,
   "not-found": NotFoundError,
   "method-not-allowed": MethodNotAllowedError,
+  "body-timeout": BodyTimeoutError,
   "body-too-large": BodyTooLargeError,
   "docker-error": DockerError,
   "docker-unavailable": DockerUnavailableError,

@@ -14,6 +14,7 @@ export {
 export {
   AccessDeniedError,
   AgentUnreachable,
+  BodyTimeoutError,
   BodyTooLargeError,
   ClientError,
   DockerError,

@@ -77,6 +77,7 @@ for (const [status, code, name] of [
   ["500 Internal Server Error", "internal-error", "InternalError"],
   ["403 Forbidden", "access-denied", "AccessDeniedError"],
   ["503 Service Unavailable", "too-many-connections", "TooManyConnectionsError"],
+  ["408 Request Timeout", "body-timeout", "BodyTimeoutError"],
 ] as const) {
   test(`${code} throws ${name}`, async () => {
     const body = JSON.stringify({ error: { code, message: "journal write failed" } });
@@ -144,6 +145,7 @@ test("a lease keeps an image through eviction until it is released; a dry run sa
     await createContainer(sac.snapshotTag("Proj", "used"));
     const found = await client.lookup({ project: "Proj", work_item: "leased", lease_seconds: 300 });
     assert.ok(found?.lease, "the lookup took a lease");
+    assert.equal(found.confirmed, true, "Docker confirmed the image");
     assert.equal(found.lease.image_id, images.leased);
     assert.ok(Date.parse(found.lease.expires_at) > Date.now() + 290_000);
     assert.deepEqual((await client.evict()).evicted, []);

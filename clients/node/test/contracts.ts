@@ -49,8 +49,12 @@ function wireAnswer(exchange: Exchange, result: any): unknown {
       assert.equal(result.created, exchange.response.status === 201, "created is 201");
       return { snapshot: result.snapshot };
     case "lookup": {
-      const { lease, ...snapshot } = result; // the client puts the lease on the entry
-      return lease === undefined ? { snapshot } : { snapshot, lease };
+      const { lease, confirmed, ...snapshot } = result; // the client puts them on the entry
+      return {
+        snapshot,
+        ...(confirmed === undefined ? {} : { confirmed }),
+        ...(lease === undefined ? {} : { lease }),
+      };
     }
     case "lease":
       return { lease: result };
