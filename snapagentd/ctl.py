@@ -25,6 +25,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 SNAPSHOT_COLUMNS = ["PROJECT", "WORK ITEM", "IMAGE", "ID", "SIZE", "CREATED", "LAST USED", "SOURCE"]
 LIST_COLUMNS = [*SNAPSHOT_COLUMNS[:5], "UNIQUE", *SNAPSHOT_COLUMNS[5:]]
 EVICT_COLUMNS = [*SNAPSHOT_COLUMNS, "REASON", "RESULT"]
+# A real run's outcomes, when Docker said something about one: its refusal, or the failure.
+DETAIL_COLUMN = "DETAIL"
 # A dry run's explanation (an agent that sends `skipped`): eviction order, then what was spared.
 PLAN_COLUMNS = ["REASON", "IMAGE", "AGE", "LAST USE", "UNIQUE", "RESULT"]
 SKIPPED_COLUMNS = ["REASON", "IMAGE", "AGE", "LAST USE", "UNIQUE", "PROTECTED BY"]
@@ -220,6 +222,22 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
+def eviction_counts(last: dict[str, Any]) -> str:
+    """The last eviction's results: the four every agent sends, then `leased`; the results
+    newer agents count (untagged, has children, referenced) when any happened; the bytes
+    reclaimed; and the alarms (wrong removals, odd images) when there were any."""
+    keys = ["removed", "in_use", "already_gone", "failed"]
+    keys += [key for key in ("leased",) if key in last]
+    keys += [key for key in ("untagged", "has_children", "referenced") if last.get(key)]
+    counts = ", ".join(f"{_integer(last[key], key)} {key.replace('_', ' ')}" for key in keys)
+    if "reclaimed_bytes" in last:
+        counts += f", {human_size(last['reclaimed_bytes'])} reclaimed"
+    for key, word in (("wrong_removals", "wrong removal"), ("odd_images", "odd image")):
+        if last.get(key):
+            counts += f", {_plural(_integer(last[key], key), word)}"
+    return counts
+
+
 def disk_pairs(disk: dict[str, Any] | None, policy: dict[str, Any]) -> list[tuple[str, str]]:
     """The `status` lines of the disk: how full it is and whether it is above the high
     watermark, then the watermarks in free bytes (what eviction starts below and stops at)."""
@@ -311,11 +329,7 @@ def status_pairs(body: dict[str, Any], now: datetime) -> list[tuple[str, str]]:
     if last is None:
         pairs.append(("last eviction", "never"))
     else:
-        keys = ["removed", "in_use", "already_gone", "failed"]
-        keys += [key for key in ("leased",) if key in last]
-        counts = ", ".join(f"{count(last, key)} {key.replace('_', ' ')}" for key in keys)
-        if "reclaimed_bytes" in last:
-            counts += f", {human_size(last['reclaimed_bytes'])} reclaimed"
+        counts = eviction_counts(last)
         text = f"{human_age(last['started_at'], now)} ({clean(last['trigger'])}): {counts}"
         if last["finished_at"] is None:
             text += ", still running"
@@ -341,6 +355,8 @@ def render(command: str, body: Any, now: datetime) -> str:
             return format_table(rows, LIST_COLUMNS) if rows else "no snapshots"
         if command == "lookup":
             pairs = snapshot_pairs(body["snapshot"], now)
+            if body.get("confirmed") is False:  # Docker did not answer in time
+                pairs.append(("confirmed", "no: Docker did not answer in time, from the registry"))
             if body.get("lease") is not None:  # --lease: the lease taken with the lookup
                 lease = body["lease"]
                 pairs += [
@@ -357,8 +373,10 @@ def render(command: str, body: Any, now: datetime) -> str:
                 raise ValueError(f"released is not true: {body['released']!r}")
             return format_pairs([*lease_pairs(body["lease"], now), ("released", "yes")])
         if command == "remove":
-            pairs = snapshot_pairs(body["snapshot"], now)
-            return format_pairs([*pairs, ("result", clean(body["result"]))])
+            pairs = [*snapshot_pairs(body["snapshot"], now), ("result", clean(body["result"]))]
+            if body.get("detail") is not None:  # what Docker's refusal said; older agents: none
+                pairs.append(("detail", clean(body["detail"])))
+            return format_pairs(pairs)
         if command == "evict" and body.get("skipped") is not None:
             return explanation(body)
         if command == "evict":  # a real run, or a dry run of an agent that does not explain
@@ -366,7 +384,13 @@ def render(command: str, body: Any, now: datetime) -> str:
                 [*snapshot_row(entry, now), clean(entry["reason"]), clean(entry["result"])]
                 for entry in body["evicted"]
             ]
-            return format_table(rows, EVICT_COLUMNS) if rows else "nothing to evict"
+            if not rows:
+                return "nothing to evict"
+            details = [entry.get("detail") for entry in body["evicted"]]
+            if all(detail is None for detail in details):
+                return format_table(rows, EVICT_COLUMNS)
+            rows = [[*row, clean(detail)] for row, detail in zip(rows, details, strict=True)]
+            return format_table(rows, [*EVICT_COLUMNS, DETAIL_COLUMN])
     except KeyError as error:
         raise MalformedAnswer(f"missing field {error}") from None
     except ValueError as error:

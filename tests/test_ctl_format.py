@@ -115,7 +115,12 @@ NEW_STATUS = {
         "already_gone": 0,
         "failed": 0,
         "leased": 1,
+        "untagged": 0,
+        "has_children": 0,
+        "referenced": 0,
+        "wrong_removals": 0,
         "reclaimed_bytes": 2_500_000_000,
+        "odd_images": 0,
         "error": None,
     },
     "journal": {"path": "/var/lib/snapagentd/journal.jsonl", "records": 12},
@@ -284,6 +289,32 @@ def test_render_evict() -> None:
     ]
 
 
+def test_render_real_run_with_a_detail_column_when_docker_said_something() -> None:
+    """A real run's outcomes carry `detail`; the DETAIL column is there only when one has one."""
+    body = {
+        "dry_run": False,
+        "evicted": [
+            {
+                **ENTRY,
+                "reason": "ttl",
+                "result": "in-use",
+                "detail": "running container 1d0b2ff5c018",
+            },
+            {**DISCOVERED_ENTRY, "reason": "count", "result": "untagged", "detail": None},
+        ],
+    }
+    assert render("evict", body, NOW).split("\n") == [
+        "PROJECT  WORK ITEM  IMAGE                               ID            SIZE    CREATED  "
+        "LAST USED  SOURCE      REASON  RESULT    DETAIL",
+        "Proj     MNG-1      cascade-snapshot-proj-mng-1:latest  0123456789ab  1.2 GB  1d ago   "
+        "3h ago     registered  ttl     in-use    running container 1d0b2ff5c018",
+        "-        -          cascade-snapshot-old:latest         aaaaaaaaaaaa  999 B   30d ago  "
+        "-          discovered  count   untagged  -",
+    ]
+    body["evicted"][0] = {**ENTRY, "reason": "ttl", "result": "removed", "detail": None}
+    assert "DETAIL" not in render("evict", body, NOW)
+
+
 def test_render_empty_evict() -> None:
     assert render("evict", {"dry_run": False, "evicted": []}, NOW) == "nothing to evict"
 
@@ -389,6 +420,26 @@ def test_render_remove_with_null_fields() -> None:
     )
 
 
+def test_render_remove_with_docker_s_refusal_as_detail() -> None:
+    """`detail` follows the result when Docker said something; a null one is not shown."""
+    refused = {"snapshot": ENTRY, "result": "has-children", "detail": "dependent child images"}
+    assert render("remove", refused, NOW).split("\n")[-2:] == [
+        "result:    has-children",
+        "detail:    dependent child images",
+    ]
+    removed = render("remove", {"snapshot": ENTRY, "result": "removed", "detail": None}, NOW)
+    assert removed.split("\n")[-1] == "result:    removed"
+
+
+def test_render_lookup_answered_from_the_registry() -> None:
+    """`confirmed` false: Docker did not answer within lookup_timeout; true is not shown."""
+    lines = render("lookup", {"snapshot": ENTRY, "confirmed": False}, NOW).split("\n")
+    assert lines[-1] == "confirmed: no: Docker did not answer in time, from the registry"
+    assert render("lookup", {"snapshot": ENTRY, "confirmed": True}, NOW) == render(
+        "lookup", {"snapshot": ENTRY}, NOW
+    )
+
+
 def test_render_status_never_evicted() -> None:
     assert render("status", STATUS, NOW) == (
         "version:       0.1.0\n"
@@ -459,6 +510,25 @@ def test_render_status_of_this_version() -> None:
         "2.5 GB reclaimed",
         "journal:       /var/lib/snapagentd/journal.jsonl (12 records)",
     ]
+
+
+def test_render_status_shows_the_new_eviction_counts_when_not_zero() -> None:
+    """Untagged, has children and referenced removals, wrong removals and odd images are
+    shown only when the run had some (NEW_STATUS has them all at 0)."""
+    last = {
+        **NEW_STATUS["last_eviction"],
+        "untagged": 3,
+        "has_children": 1,
+        "referenced": 2,
+        "wrong_removals": 1,
+        "odd_images": 2,
+    }
+    lines = render("status", {**NEW_STATUS, "last_eviction": last}, NOW).split("\n")
+    assert lines[7] == (
+        "last eviction: 5m ago (disk): 2 removed, 0 in use, 0 already gone, 0 failed, 1 leased, "
+        "3 untagged, 1 has children, 2 referenced, 2.5 GB reclaimed, 1 wrong removal, "
+        "2 odd images"
+    )
 
 
 @pytest.mark.parametrize(
