@@ -81,6 +81,22 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
+class Hang(BaseException):
+    """A request that got no answer in time. Not an Exception, so that hypothesis fails the
+    test at once, naming the request, instead of shrinking it: every shrinking step would wait
+    out the client's timeout again (hundreds of them: a CI run once spent over 15 minutes)."""
+
+
+class FuzzClient(RawClient):
+    """The raw client, whose timeouts end a hypothesis test at once (see Hang)."""
+
+    def send(self, raw: bytes, method: str = "GET") -> Reply:
+        try:
+            return super().send(raw, method)
+        except TimeoutError as error:
+            raise Hang(f"{error} ({len(raw)} bytes: {raw[:300]!r})") from error
+
+
 # ======================================================================================
 # The real application, served in-process
 # ======================================================================================
@@ -178,11 +194,11 @@ class LiveApp:
         assert self._app is not None
         return self._app[SERVICES]
 
-    def unix_client(self) -> RawClient:
-        return RawClient(unix_connector(self.socket_path))
+    def unix_client(self) -> FuzzClient:
+        return FuzzClient(unix_connector(self.socket_path))
 
-    def tcp_client(self) -> RawClient:
-        return RawClient(tcp_connector("127.0.0.1", self.port))
+    def tcp_client(self) -> FuzzClient:
+        return FuzzClient(tcp_connector("127.0.0.1", self.port))
 
     def live_records(self) -> list[dict[str, Any]]:
         async def snapshot() -> list[dict[str, Any]]:
@@ -657,8 +673,9 @@ def fuzz(docker_engine: Any) -> Iterator[Fuzz]:
     try:
         yield state
     finally:
-        http.close()
-        live.stop()
+        # The last test restarts the app: stop the one serving now (the first is stopped).
+        state.client.close()
+        state.live.stop()
         print(f"\nfuzz requests per test: {state.stats}")
         common = sorted(http.statuses.items(), key=lambda item: -item[1])[:25]
         print(f"answers (keep-alive client): {common}")
@@ -983,10 +1000,12 @@ def test_random_bytes_on_the_socket(fuzz: Fuzz, junk: bytes) -> None:
         sock.sendall(junk)
         sock.shutdown(socket.SHUT_WR)
         answer = b""
-        while chunk := sock.recv(65536):  # a timeout here is a hang: the test fails
+        while chunk := sock.recv(65536):
             answer += chunk
     except ConnectionResetError:
         answer = b""
+    except TimeoutError as error:
+        raise Hang(f"neither an answer nor a close within 10 s of {junk!r}") from error
     finally:
         sock.close()
     if answer:
@@ -1081,7 +1100,7 @@ def process_fuzz(make_agent: Any, docker_engine: Any) -> Iterator[tuple[Any, Raw
     for image in IMAGES:
         make_image(client, image)
     agent = make_agent()
-    http = RawClient(unix_connector(agent.socket_path))
+    http = FuzzClient(unix_connector(agent.socket_path))
     try:
         yield agent, http
     finally:

@@ -17,6 +17,7 @@ import http.client
 import json
 import resource
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import aiohttp
 import pytest
 
 from .engine import make_image, wait_until
+from .sockets import connect_unix
 
 # ======================================================================================
 # A raw HTTP/1.1 client
@@ -70,7 +72,13 @@ def build_request(
 
 
 class RawClient:
-    """HTTP/1.1 over one keep-alive connection (Unix socket or TCP), reopened when needed."""
+    """HTTP/1.1 over one keep-alive connection (Unix socket or TCP), reopened when needed.
+
+    Every blocking step has ``timeout`` seconds (connecting, sending the whole request, each
+    read of the answer). A request that fails in any way, a timeout above all, closes the
+    connection: its state is unknown (half a request sent, or an answer still to come), and
+    the next request on it would read the wrong answer or wait behind the unread rest.
+    """
 
     def __init__(self, connect: Callable[[], socket.socket], timeout: float = 30.0) -> None:
         self._connect = connect
@@ -90,31 +98,45 @@ class RawClient:
             self.sock = None
 
     def send(self, raw: bytes, method: str = "GET") -> Reply:
-        """Send ``raw`` (one whole request) and read the answer; a timeout is a hang."""
+        """Send ``raw`` (one whole request) and read the answer.
+
+        A timeout is a hang: TimeoutError naming the request and the step that waited."""
         _note(f"request: {raw[:600]!r}{'...' if len(raw) > 600 else ''} ({len(raw)} bytes)")
+        line = raw.split(b"\r\n", 1)[0][:120]
         for attempt in (1, 2):
             reused = self.sock is not None
-            if self.sock is None:
-                self.sock = self._open()
+            step = "connecting"
             try:
-                try:
+                if self.sock is None:
+                    self.sock = self._open()
+                step = f"sending {len(raw)} bytes"
+                # A broken pipe: the server answered early (413, or the parser's 400) and
+                # closed while the rest was still on its way, and its answer is waiting to be
+                # read; or it had closed this idle keep-alive connection (no answer: retried).
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.sock.sendall(raw)
-                except (BrokenPipeError, ConnectionResetError):
-                    # The server answered early (413, or the parser's 400) and closed while
-                    # the rest was still on its way: its answer is waiting to be read.
-                    reused = False
+                step = "reading the answer"
                 response = http.client.HTTPResponse(self.sock, method=method)
                 response.begin()
                 body = response.read()
+            except TimeoutError as error:
+                self.close()
+                raise TimeoutError(
+                    f"no progress for {self.timeout:g} s while {step} of {line!r}: the server "
+                    "neither read nor answered"
+                ) from error
             except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
                 self.close()
                 if reused and attempt == 1:
                     continue  # the server closed an idle keep-alive connection: retry
                 raise
+            except BaseException:
+                self.close()
+                raise
             self.requests += 1
-            line = raw.split(b"\r\n", 1)[0].split(b"?", 1)[0].split(b" HTTP/", 1)[0][:40]
-            label = f"{line.decode(errors='replace')} {response.status}"
-            self.statuses[label] = self.statuses.get(label, 0) + 1
+            label = line.split(b"?", 1)[0].split(b" HTTP/", 1)[0][:40]
+            label_text = f"{label.decode(errors='replace')} {response.status}"
+            self.statuses[label_text] = self.statuses.get(label_text, 0) + 1
             headers = {name.lower(): value for name, value in response.getheaders()}
             if response.will_close:
                 self.close()
@@ -144,17 +166,13 @@ def _note(text: str) -> None:
         note(text)
 
 
-def unix_connector(path: str | Path) -> Callable[[], socket.socket]:
-    def connect() -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(path))
-        return sock
-
-    return connect
+def unix_connector(path: str | Path, timeout: float = 30.0) -> Callable[[], socket.socket]:
+    """Connects waiting at most ``timeout`` s for room in a full backlog (see connect_unix)."""
+    return lambda: connect_unix(path, timeout)
 
 
-def tcp_connector(host: str, port: int) -> Callable[[], socket.socket]:
-    return lambda: socket.create_connection((host, port))
+def tcp_connector(host: str, port: int, timeout: float = 30.0) -> Callable[[], socket.socket]:
+    return lambda: socket.create_connection((host, port), timeout=timeout)
 
 
 # ======================================================================================
@@ -218,6 +236,46 @@ def answer_or_close(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             received += chunk
     return received
+
+
+def test_a_request_that_timed_out_leaves_no_connection_to_the_next(short_tmp_path: Path) -> None:
+    """The raw client itself: once a request timed out, its connection is closed, so the next
+    request cannot read the late answer to the first (or wait behind its unsent rest). A
+    client that kept it turned one slow answer into a cascade of timeouts under hypothesis."""
+    path = short_tmp_path / "late.sock"
+    release = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(30)
+
+        def serve() -> None:
+            for answer in (b"late", b"fresh"):
+                connection, _ = server.accept()
+                with connection:
+                    connection.settimeout(30)
+                    connection.recv(65536)
+                    if answer == b"late":
+                        release.wait(30)  # answers only once the client gave up
+                    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer)
+                    with contextlib.suppress(OSError):
+                        connection.sendall(head + answer)
+                        connection.recv(1)  # keep-alive: open until the client closes it
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client = RawClient(unix_connector(path), timeout=0.5)
+        try:
+            with pytest.raises(TimeoutError, match=r"no progress for 0\.5 s while reading"):
+                client.request("GET", "/first")
+            assert client.sock is None
+            release.set()
+            client.timeout = 30
+            assert client.request("GET", "/second").body == b"fresh"
+        finally:
+            release.set()
+            client.close()
+            thread.join(timeout=30)
 
 
 # ======================================================================================
