@@ -45,6 +45,7 @@ import http.client, json, socket, sys
 class C(http.client.HTTPConnection):
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
         self.sock.connect(sys.argv[1])
 c = C("localhost", timeout=30)
 c.request("GET", "/v1/status")

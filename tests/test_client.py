@@ -54,8 +54,12 @@ class CannedAgent:
             except OSError:  # closed
                 return
             with connection:
-                self.requests.append(read_request(connection))
-                connection.sendall(self.response)
+                connection.settimeout(30)  # a client that never sends must not stop the server
+                try:
+                    self.requests.append(read_request(connection))
+                    connection.sendall(self.response)
+                except OSError:  # timed out, or the client went away: serve the next one
+                    continue
 
     def close(self) -> None:
         self._server.shutdown(socket.SHUT_RDWR)
@@ -67,12 +71,19 @@ def read_request(connection: socket.socket) -> bytes:
     """One whole HTTP request (head and Content-Length body), so closing never resets it."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += connection.recv(65536)
+        data += _received(connection)
     head, _, body = data.partition(b"\r\n\r\n")
     length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
     while length and len(body) < int(length.group(1)):
-        body += connection.recv(65536)
+        body += _received(connection)
     return head + b"\r\n\r\n" + body
+
+
+def _received(connection: socket.socket) -> bytes:
+    chunk = connection.recv(65536)
+    if not chunk:  # closed before its request was whole (else this would spin forever)
+        raise ConnectionResetError("the client closed mid-request")
+    return chunk
 
 
 def http_answer(status: str, body: bytes, content_type: str = "application/json") -> bytes:

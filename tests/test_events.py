@@ -27,6 +27,7 @@ from snapagentd import events
 from snapagentd.events import ContainerUse, EventFollower, parse_container_use
 
 from .engine import DockerEngine, create_stopped_container, in_ci, make_image, wait_until
+from .sockets import connect_unix
 
 # --- the parser -------------------------------------------------------------------------------
 
@@ -463,8 +464,9 @@ class SpliceProxy:
             if self.refusing:
                 client.close()
                 continue
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            server.connect(self.upstream)
+            server = connect_unix(self.upstream, timeout=10)
+            # The pumps wait as long as an idle /events stream does: cut() and close() end them.
+            server.settimeout(None)
             with self._lock:
                 self._sockets += [client, server]
             for source, target in ((client, server), (server, client)):

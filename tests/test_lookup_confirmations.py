@@ -80,7 +80,7 @@ def lookups_ask_docker_again(agent: Agent, engine: DockerEngine) -> None:
 def test_a_confirmed_tag_is_looked_up_without_docker_until_an_event_may_change_it(
     make_agent: MakeAgent, debug_engine: DockerEngine
 ) -> None:
-    with docker.APIClient(base_url=debug_engine.url) as client:
+    with docker.APIClient(base_url=debug_engine.url, timeout=60) as client:
         image_id = make_image(client, TAG)
         other_id = make_image(client, "foreign-conf-other:latest")
         agent = make_agent(docker_url=debug_engine.url)
@@ -131,7 +131,7 @@ def test_a_confirmed_tag_is_looked_up_without_docker_until_an_event_may_change_i
 def test_a_lost_event_stream_drops_every_confirmation(
     make_agent: MakeAgent, debug_engine: DockerEngine
 ) -> None:
-    with docker.APIClient(base_url=debug_engine.url) as client:
+    with docker.APIClient(base_url=debug_engine.url, timeout=60) as client:
         make_image(client, TAG)
     agent = make_agent(docker_url=debug_engine.url)
     wait_until(lambda: following(agent), message="the agent following Docker's events")

@@ -42,6 +42,9 @@ from snapagentd.metrics import (
 )
 from snapagentd.models import Reason, RemovalResult
 
+# Every request of these tests is local and quick: a hang fails the test, not the CI run.
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "contrib" / "grafana" / "snapagentd.json"
 ALERTS = ROOT / "contrib" / "prometheus" / "snapagentd-alerts.yml"
@@ -373,7 +376,9 @@ async def serve(short_tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         runner = make_runner(app)  # the daemon's runner options
         await runner.setup()
         await web.UnixSite(runner, str(path)).start()
-        session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)))
+        session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(path)), timeout=CLIENT_TIMEOUT
+        )
         served.append(Served(runner, session))
         return served[-1]
 
@@ -471,7 +476,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 async def _get(url: str, method: str = "GET") -> tuple[int, str, bytes]:
     async with (
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session,
         session.request(method, url) as response,
     ):
         return response.status, response.headers.get("Content-Type", ""), await response.read()
