@@ -197,21 +197,32 @@ def test_align_layer_sizes(
 
 class FakeApi:
     """inspect_image/history from a table {id: [(diff id, size), ...]}, counting calls and
-    the most calls in flight at once."""
+    the most calls in flight at once.
 
-    def __init__(self, images: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+    With ``overlap=True`` the calls wait (up to 10 s) until two are in flight at once, so that
+    a caller that makes calls concurrently is seen doing so however loaded the machine is."""
+
+    def __init__(
+        self, images: Mapping[str, Sequence[tuple[str, int]]], overlap: bool = False
+    ) -> None:
         self.images = dict(images)
         self.calls = 0
         self.in_flight = self.most_in_flight = 0
         self.fail: dict[str, Exception] = {}
         self._lock = threading.Lock()
+        self._overlapped = threading.Event()
+        if not overlap:
+            self._overlapped.set()
 
     def _enter(self, image_id: str) -> None:
         with self._lock:
             self.calls += 1
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        time.sleep(0.005)
+            if self.in_flight > 1:
+                self._overlapped.set()
+        self._overlapped.wait(timeout=10)
+        time.sleep(0.005)  # each call lasts a little: more in flight than allowed would show
         with self._lock:
             self.in_flight -= 1
         if image_id in self.fail:
@@ -281,7 +292,7 @@ def test_layer_index_caches_drops_and_skips_vanished_images() -> None:
 
 
 def test_layer_index_bounds_concurrency_and_keeps_what_it_fetched_on_errors() -> None:
-    api = FakeApi({f"i{n}": [(diff(f"d{n}"), n)] for n in range(40)})
+    api = FakeApi({f"i{n}": [(diff(f"d{n}"), n)] for n in range(40)}, overlap=True)
     api.fail["i7"] = docker.errors.APIError("500 Server Error: boom")
     index = LayerIndex(concurrency=3)
     with pytest.raises(docker.errors.APIError, match="boom"):
