@@ -104,7 +104,11 @@ class DockerGateway:
         """
         return await self._call(function, deadline or self.timeouts.inspect)
 
-    async def _call(self, function: Callable[[docker.APIClient], T], deadline: float) -> T:
+    async def _call(
+        self, function: Callable[[docker.APIClient], T], deadline: float, patient: bool = True
+    ) -> T:
+        """`patient` False: a deadline the caller chose short (a lookup's) says nothing about
+        the engine's health, so missing it does not mark the engine unreachable."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._threads, lambda: function(self._api()))
         try:
@@ -112,7 +116,10 @@ class DockerGateway:
             # client's socket timeout, its answer unused.
             result = await asyncio.wait_for(future, deadline)
         except TimeoutError:
-            self._mark_unreachable(f"no answer within {deadline:g} s")
+            problem = f"no answer within {deadline:g} s"
+            if not patient:
+                raise DockerUnavailable(problem) from None
+            self._mark_unreachable(problem)
             raise DockerUnavailable(self.error) from None
         except docker.errors.APIError as error:
             self._mark_reachable()  # the engine answered, if only with an error
@@ -164,7 +171,9 @@ class DockerGateway:
         """The image a tag or id names now, or None when Docker has no such image."""
         try:
             data = await self._call(
-                lambda api: api.inspect_image(reference), deadline or self.timeouts.inspect
+                lambda api: api.inspect_image(reference),
+                deadline or self.timeouts.inspect,
+                patient=not deadline or deadline >= self.timeouts.inspect,
             )
         except DockerError as error:
             if error.status == 404:

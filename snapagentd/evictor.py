@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -287,24 +288,23 @@ class Evictor:
         return key in labels and (not sep or labels[key] == value)
 
     def _log(self, report: EvictionReport) -> None:
-        summary = report.to_json()
         if report.outcomes or report.error:
+            counts = Counter(outcome.result.value for outcome in report.outcomes)
+            told = ", ".join(f"{result} {count}" for result, count in sorted(counts.items()))
             log.info(
-                "eviction (%s): removed %d, in use %d, already gone %d, failed %d%s",
+                "eviction (%s): %s%s",
                 report.trigger,
-                summary["removed"],
-                summary["in_use"],
-                summary["already_gone"],
-                summary["failed"],
-                f", error: {report.error}" if report.error else "",
+                told or "nothing removed",
+                f"; error: {report.error}" if report.error else "",
             )
         for outcome in report.outcomes:
-            if outcome.result is RemovalResult.REMOVED:
+            if outcome.result in (RemovalResult.REMOVED, RemovalResult.UNTAGGED):
                 log.info(
-                    "evicted %s (%s): %s",
+                    "evicted %s (%s): %s, %s",
                     outcome.removal.snapshot.image,
                     outcome.removal.snapshot.image_id[:19],
                     outcome.removal.reason.value,
+                    outcome.result.value,
                 )
 
     async def measure_after_start(self) -> None:

@@ -25,6 +25,7 @@ from .state import PendingRemoval
 log = logging.getLogger(__name__)
 
 REMOVAL_CONCURRENCY = 4  # Docker serialises much of image deletion; more threads buy little
+IN_USE = "a container uses it (the run's container listing)"  # Docker is not asked then
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,7 @@ class Remover:
         if image_id in leased:
             return [Outcome(removal, RemovalResult.LEASED) for removal in removals]
         if image_id in in_use:  # Docker would refuse: don't ask
-            return [Outcome(removal, RemovalResult.IN_USE) for removal in removals]
+            return [Outcome(removal, RemovalResult.IN_USE, detail=IN_USE) for removal in removals]
         freed = self.unique_of(image_id)
         async with self._removal_slots:
             await self.registry.removal_settled(image_id)  # one removal of an image at a time
@@ -197,7 +198,7 @@ class Remover:
         """A leaked image: removed by id only while nothing references it."""
         image_id = removal.snapshot.image_id
         if image_id in in_use:
-            return Outcome(removal, RemovalResult.IN_USE)  # Docker would refuse: don't ask
+            return Outcome(removal, RemovalResult.IN_USE, detail=IN_USE)  # Docker would refuse
         async with self._removal_slots:
             answer = await self._ask_docker(image_id, (), removal.snapshot)
         self._report([removal], answer)

@@ -3,8 +3,9 @@
 `FaultyDockerProxy` forwards every request to a real dockerd over its Unix socket, except image
 deletions while `fail_removals` is set, which it answers with a 500 as a broken engine would,
 and inspections of `slow_image` while `slow_inspect` is set, which it holds for that many
-seconds (a slow engine; only that image's, so the agent's own listings and timers never trip it). `hold_removals()` holds every image DELETE until `release_removals()`: it widens the
-window between the agent's last look at an image and its DELETE (which on a real engine lasts
+seconds (a slow engine; only that image's, so the agent's own listings never trip it).
+`hold_removals()` holds every image DELETE until `release_removals()`: it widens the window
+between the agent's last look at an image and its DELETE (which on a real engine lasts
 milliseconds) so that a test can change the engine inside it, deterministically.
 `SentryReceiver` is a loopback HTTP server that accepts Sentry's envelopes and keeps them.
 """

@@ -128,7 +128,8 @@ def test_slow_engine_does_not_block_other_requests_or_the_watchdog(
     make_image(docker_client, "cascade-snapshot-slow:latest")
     agent = make_agent(start=False, docker_url=proxy.url)
     agent.start(env=WATCHDOG)
-    proxy.slow_inspect = 4.0
+    proxy.slow_image = "cascade-snapshot-slow:latest"
+    proxy.slow_inspect = 4.0  # under the agent's 5 s inspect deadline
     answers: list[tuple[int, dict]] = []
     body = {"project": "p", "work_item": "w", "image": "cascade-snapshot-slow:latest"}
     register = threading.Thread(
