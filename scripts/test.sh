@@ -23,7 +23,7 @@ require_root "scripts/test.sh"
 
 DEBIAN_PYTHON_PACKAGES=(
 	python3-aiohttp python3-docker python3-sdnotify python3-sentry-sdk
-	python3-pytest python3-pytest-aiohttp python3-tomli python3-hypothesis
+	python3-pytest python3-pytest-aiohttp python3-pytest-timeout python3-tomli python3-hypothesis
 	python3-prometheus-client
 )
 ensure_apt_packages docker.io debootstrap dpkg-dev busybox-static "${DEBIAN_PYTHON_PACKAGES[@]}"
@@ -36,7 +36,7 @@ VERSIONS_PY='
 import sys
 from importlib.metadata import PackageNotFoundError, version
 names = ["aiohttp", "docker", "sdnotify", "sentry-sdk", "prometheus-client", "pytest",
-         "pytest-aiohttp", "pytest-asyncio", "requests", "urllib3", "ruff"]
+         "pytest-aiohttp", "pytest-asyncio", "pytest-timeout", "requests", "urllib3", "ruff"]
 found = []
 for name in names:
     try:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import docker
+import pytest
 
 from .agent import Agent, call
 from .engine import image_exists, image_tags, make_image, wait_until
@@ -98,6 +99,8 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+# Its own limit: the soak run lasts SNAPAGENTD_SOAK_SECONDS, more than the suite's 300 s.
+@pytest.mark.timeout(max(300.0, 3 * SECONDS + 120))
 def test_sustained_mixed_load_no_5xx_no_hang_and_docker_agrees(
     make_agent: Callable[..., Agent], docker_client: docker.APIClient
 ) -> None:

@@ -94,3 +94,24 @@ def test_manual_page_formats_without_warnings(name: str) -> None:
         ["groff", "-man", "-ww", "-z", str(MAN / name)], capture_output=True, text=True, check=False
     )
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_the_debian_test_packages_agree_with_the_build_depends_and_the_test_extra() -> None:
+    """The Debian pass of scripts/test.sh installs every test-only Build-Depends (so the tests
+    run there as they do in dh_auto_test), and both carry each pytest plugin of the test extra
+    (pyproject.toml's options for one, such as `timeout`, need it on both stacks)."""
+    control = (ROOT / "debian" / "control").read_text(encoding="utf-8")
+    nocheck = set(re.findall(r"^ (python3-[a-z0-9-]+) <!nocheck>,$", control, re.M))
+    script = (ROOT / "scripts" / "test.sh").read_text(encoding="utf-8")
+    listed = re.search(r"^DEBIAN_PYTHON_PACKAGES=\((.*?)\)$", script, re.M | re.S)
+    assert listed, "no DEBIAN_PYTHON_PACKAGES=( ... ) in scripts/test.sh"
+    debian_pass = set(listed[1].split())
+    assert sorted(nocheck - debian_pass) == []
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    requirements = extra["project"]["optional-dependencies"]["test"]
+    plugins = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0] for r in requirements}
+    plugins = {p for p in plugins if p.startswith("pytest-")}
+    assert "pytest-timeout" in plugins
+    for plugin in sorted(plugins):
+        assert f"python3-{plugin}" in nocheck, plugin
+        assert f"python3-{plugin}" in debian_pass, plugin
