@@ -14,6 +14,7 @@ import docker
 import docker.errors
 import pytest
 
+from snapagentd.docker_ops import DockerError
 from snapagentd.layers import (
     Layer,
     LayerIndex,
@@ -245,10 +246,16 @@ class FakeApi:
 
 
 def thread_call(api: Any) -> Callable[[Callable[[Any], T]], Any]:
-    """What DockerGateway._call does (run `function(api)` in a thread), minus its bookkeeping."""
+    """What DockerGateway._call does (run `function(api)` in a thread, an error answer becomes
+    a DockerError), minus its bookkeeping."""
 
     async def call(function: Callable[[Any], T]) -> T:
-        return await asyncio.to_thread(function, api)
+        try:
+            return await asyncio.to_thread(function, api)
+        except docker.errors.APIError as error:
+            # The fake API's NotFound has no response to carry its status: it is a 404.
+            status = 404 if isinstance(error, docker.errors.NotFound) else error.status_code
+            raise DockerError(status, str(error.explanation or error)) from None
 
     return call
 
@@ -295,7 +302,7 @@ def test_layer_index_bounds_concurrency_and_keeps_what_it_fetched_on_errors() ->
     api = FakeApi({f"i{n}": [(diff(f"d{n}"), n)] for n in range(40)}, overlap=True)
     api.fail["i7"] = docker.errors.APIError("500 Server Error: boom")
     index = LayerIndex(concurrency=3)
-    with pytest.raises(docker.errors.APIError, match="boom"):
+    with pytest.raises(DockerError, match="boom"):
         asyncio.run(index.refresh(thread_call(api), list(api.images)))
     assert 1 < api.most_in_flight <= 3
     assert not index.known("i7")
