@@ -454,14 +454,25 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
 
 @web.middleware
 async def close_after_an_unread_body(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Answer, then close a connection whose request body the route did not read.
+    """Read and discard the rest of a request body the route did not read, then answer and
+    close the connection. A body on GET /v1/status is pointless anyway.
 
-    aiohttp 3.8 (Debian 12's) stops reading a connection once an unread body fills its 64 KiB
-    buffer and never starts again: the client's next request on it would wait out the
-    keep-alive timeout unanswered. A body on GET /v1/status is pointless anyway."""
+    Read first: a client sends its whole request before it reads the answer, so an answer
+    too large for the socket buffers (a long list) would wait for the client to read it while
+    the client waits for us to read its body, for ever. A body still arriving BODY_SECONDS
+    after the answer is ready gets none: the connection is closed. Close after: aiohttp 3.8
+    (Debian 12's) stops reading a connection once an unread body fills its 64 KiB buffer and
+    never starts again, so the client's next request on it would wait out the keep-alive
+    timeout."""
     response = await handler(request)
     if request.body_exists and not request.content.at_eof():
         response.force_close()
+        try:
+            async with asyncio.timeout(BODY_SECONDS):
+                while await request.content.readany():
+                    pass
+        except Exception:  # still arriving at the deadline, or the client is gone
+            request.protocol.force_close()
     return response
 
 

@@ -135,7 +135,11 @@ class LiveApp:
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="live-app", daemon=True)
         self._thread.start()
-        self.run(self._start(), timeout=120)
+        try:
+            self.run(self._start(), timeout=120)
+        except BaseException:
+            self.stop()  # no loop thread (nor the app's Docker event reader) left behind
+            raise
         return self
 
     async def _start(self) -> None:
@@ -154,18 +158,21 @@ class LiveApp:
 
     def _spy_on_docker(self, services: Services) -> None:
         gateway = services.registry.docker
-        inspect, remove = gateway.inspect, gateway.remove
+        inspect, remove_image = gateway.inspect, gateway.remove_image
 
-        async def spied_inspect(reference: str) -> Any:
+        async def spied_inspect(reference: str, *args: Any, **kwargs: Any) -> Any:
             self.docker_calls.append(("inspect", reference))
-            return await inspect(reference)
+            return await inspect(reference, *args, **kwargs)
 
-        async def spied_remove(snapshot: Any) -> Any:
-            self.docker_calls.append(("remove", snapshot.image))
-            return await remove(snapshot)
+        async def spied_remove_image(image_id: str, tags: Any, *args: Any, **kwargs: Any) -> Any:
+            # One entry per tag taken off (the image id alone for a leaked image).
+            self.docker_calls.extend(
+                ("remove", reference) for reference in list(tags) or [image_id]
+            )
+            return await remove_image(image_id, tags, *args, **kwargs)
 
         gateway.inspect = spied_inspect  # type: ignore[method-assign]
-        gateway.remove = spied_remove  # type: ignore[method-assign]
+        gateway.remove_image = spied_remove_image  # type: ignore[method-assign]
 
     def stop(self) -> None:
         if self._loop is None:

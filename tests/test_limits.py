@@ -332,6 +332,24 @@ def test_a_body_the_route_does_not_read_closes_the_connection_after_the_answer(
     assert client.call("GET", "/v1/status").status == 200  # on a new connection
 
 
+def test_a_large_answer_to_a_request_whose_body_is_still_coming_is_not_a_deadlock(
+    agent: Any, client: RawClient, image_factory: Any
+) -> None:
+    """A client sends its whole request before it reads the answer. The agent answered GET
+    /v1/snapshots without reading the body: with an answer too large for the socket buffers,
+    the agent waited for the client to read it while the client waited for the agent to read
+    its body (CI: test_any_body_on_any_route hung on Debian 12's aiohttp 3.8)."""
+    image_factory("cascade-snapshot-big-list:latest")
+    for n in range(200):  # about 2.2 KB each in the list: 440 KB, more than the buffers hold
+        body = {"project": "p" * 1000, "work_item": f"{n:04d}" + "w" * 996}
+        assert client.call("POST", "/v1/snapshots", body | {"image": "cascade-snapshot-big-list"})
+    client.timeout = 20.0  # a deadlock fails the test
+    reply = client.request("GET", "/v1/snapshots", b" " * (1024 * 1024))
+    assert reply.status == 200, reply
+    assert len(reply.body) > 400_000 and len(reply.json()["snapshots"]) == 200
+    assert reply.headers.get("connection", "").lower() == "close", reply.headers
+
+
 def test_a_chunked_body_over_64_kib_is_413(agent: Any, client: RawClient) -> None:
     chunk = b" " * 8192
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(9))  # 72 KiB
