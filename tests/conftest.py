@@ -7,6 +7,7 @@ agent processes (tests/agent.py).
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .engine import (
     remove_test_artifacts,
     require_dockerd,
 )
+from .faults import FaultyDockerProxy, SentryReceiver
 from .loopfs import small_disk_engine  # noqa: F401 - a fixture, used by name
 
 DOCKER_FIXTURES = {"docker_engine", "fresh_docker_engine", "small_disk_engine"}
@@ -142,6 +144,26 @@ def notify_socket(short_tmp_path: Path) -> Iterator[NotifySocket]:
     """
     with NotifySocket(short_tmp_path / "notify.sock") as sock:
         yield sock
+
+
+@pytest.fixture
+def proxy(docker_engine: DockerEngine, short_tmp_path: Path) -> Iterator[FaultyDockerProxy]:
+    """The fault-injection proxy (tests/faults.py) in front of the session engine."""
+    proxy = FaultyDockerProxy(short_tmp_path / "proxy.sock", docker_engine.socket_path)
+    yield proxy
+    proxy.release_removals()  # never leave a DELETE held past its test
+    proxy.close()
+
+
+@pytest.fixture
+def sentry() -> Iterator[SentryReceiver]:
+    """A loopback Sentry (tests/faults.py): `.dsn` for the agent, `.events` it received."""
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    receiver = SentryReceiver(port)
+    yield receiver
+    receiver.close()
 
 
 # ======================================================================================

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
 
 from .engine import image_exists, make_image, wait_until
-from .faults import FaultyDockerProxy, SentryReceiver
 
 pytestmark = pytest.mark.usefixtures("clean_engine")
-
-
-@pytest.fixture
-def proxy(docker_engine, short_tmp_path):
-    proxy = FaultyDockerProxy(short_tmp_path / "proxy.sock", docker_engine.socket_path)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def sentry():
-    with socket.socket() as probe:  # a free loopback port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    receiver = SentryReceiver(port)
-    yield receiver
-    receiver.close()
 
 
 def test_failed_removal_is_kept_reported_and_retried(make_agent, proxy, sentry, docker_client):

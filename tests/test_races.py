@@ -15,9 +15,8 @@ docs/operations.md (Safety) lists the same interleavings and what each one does.
 from __future__ import annotations
 
 import re
-import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -33,24 +32,6 @@ pytestmark = pytest.mark.usefixtures("clean_engine")
 TAG = "cascade-snapshot-race-w:latest"
 ROUNDS = 300
 KEY = {"project": "race", "work_item": "w"}
-
-
-@pytest.fixture
-def proxy(docker_engine, short_tmp_path) -> Iterator[FaultyDockerProxy]:
-    proxy = FaultyDockerProxy(short_tmp_path / "proxy.sock", docker_engine.socket_path)
-    yield proxy
-    proxy.release_removals()
-    proxy.close()
-
-
-@pytest.fixture
-def sentry() -> Iterator[SentryReceiver]:
-    with socket.socket() as probe:  # a free loopback port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    receiver = SentryReceiver(port)
-    yield receiver
-    receiver.close()
 
 
 def wrong_removals(agent: Agent) -> float:

@@ -269,16 +269,6 @@ def test_a_newcomer_takes_the_place_of_a_silent_connection_before_its_deadline(
     assert "shed a connection stuck" in agent.log()
 
 
-@pytest.fixture
-def sentry() -> Any:
-    with socket.socket() as probe:  # a free loopback port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    receiver = SentryReceiver(port)
-    yield receiver
-    receiver.close()
-
-
 BODIES = {
     "content-length": (b"Content-Length: 1000\r\n\r\n", b"0123456789"),
     "chunked": (b"Transfer-Encoding: chunked\r\n\r\n", b"a\r\n0123456789\r\n"),
