@@ -100,9 +100,11 @@ class DockerGateway:
     async def call(self, function: Callable[[docker.APIClient], T], deadline: float = 0) -> T:
         """Run `function(api)` on the gateway's threads (modules with queries of their own).
 
+        Such a function may make several Docker calls (layers.py: an inspect, the history and
+        the parents'), so by default it has the list deadline, not one inspect's.
         Raises DockerUnavailable, or DockerError for an error answer (status 404: not found).
         """
-        return await self._call(function, deadline or self.timeouts.inspect)
+        return await self._call(function, deadline or self.timeouts.list)
 
     async def _call(
         self, function: Callable[[docker.APIClient], T], deadline: float, patient: bool = True
